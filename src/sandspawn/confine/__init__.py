@@ -1,0 +1,1 @@
+"""One module per kernel mechanism; each usable on its own."""

@@ -1,0 +1,52 @@
+"""Exceptions raised by sandspawn."""
+
+from __future__ import annotations
+
+
+class SandspawnError(Exception):
+    """Base class of every error sandspawn raises on purpose."""
+
+
+class PolicyError(SandspawnError, ValueError):
+    """A policy or profile is invalid: names the source, the key, the bad value and what is allowed."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        source: str = "<policy>",
+        key: str | None = None,
+        value: object = None,
+        allowed: tuple[str, ...] | None = None,
+    ) -> None:
+        self.source = source
+        self.key = key
+        self.value = value
+        self.allowed = allowed
+        parts = [source]
+        if key:
+            parts.append(key)
+        text = ": ".join(parts) + ": " + message
+        if allowed:
+            text += "; allowed: " + ", ".join(allowed)
+        super().__init__(text)
+
+
+class SpawnError(SandspawnError, OSError):
+    """The sandbox could not be started; `step` names the failing setup step."""
+
+    def __init__(self, step: str, errno_: int, detail: str = "") -> None:
+        import os
+
+        self.step = step
+        msg = f"sandbox setup failed at step {step!r}"
+        if errno_:
+            msg += f": [Errno {errno_}] {os.strerror(errno_)}"
+        if detail:
+            msg += f" ({detail})"
+        super().__init__(errno_, msg)
+        self.errno = errno_
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return str(self.args[1])
