@@ -35,6 +35,7 @@ _SYSCALLS: dict[str, dict[str, int]] = {
         "open_tree": 428,
         "mount": 165,
         "umount2": 166,
+        "capset": 126,
     },
     "aarch64": {
         "landlock_create_ruleset": 444,
@@ -53,6 +54,7 @@ _SYSCALLS: dict[str, dict[str, int]] = {
         "open_tree": 428,
         "mount": 40,
         "umount2": 39,
+        "capset": 91,
     },
 }
 

@@ -1,0 +1,123 @@
+"""The caller's side of the zygote: start it on first use, send requests, restart it if it died."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from typing import Any
+
+from ..errors import SpawnError
+
+_PKG_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Runs under `python -I -S`: no site, no user environment; only our package's parent on sys.path.
+_BOOT = (
+    "import sys; sys.path.insert(0, sys.argv[2]); "
+    "from sandspawn._zygote import main; main(sys.argv)"
+)
+MAX_MSG = 1 << 20
+
+
+class ZygoteClient:
+    """One zygote per caller process, shared by every thread (requests are serialised)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._owner_pid = 0
+
+    def _start(self) -> socket.socket:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", _BOOT, str(theirs.fileno()), _PKG_PARENT],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # terminal signals go to the caller, not the zygote
+            )
+        finally:
+            theirs.close()
+        self._sock = ours
+        self._owner_pid = os.getpid()
+        threading.Thread(target=self._proc.wait, daemon=True).start()  # reap it when it exits
+        return ours
+
+    def _control(self) -> socket.socket:
+        if self._sock is None or self._owner_pid != os.getpid():
+            return self._start()
+        return self._sock
+
+    def _forget(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+        self._sock = None
+
+    def request(self, msg: dict[str, Any], fds: list[int]) -> socket.socket:
+        """Send `msg` with a fresh reply socket first in the fds; return our end of it."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            data = json.dumps(msg).encode()
+            with self._lock:
+                for attempt in (1, 2):
+                    sock = self._control()
+                    try:
+                        socket.send_fds(sock, [data], [theirs.fileno(), *fds])
+                        break
+                    except (BrokenPipeError, ConnectionResetError):
+                        # The zygote died before this request reached it: safe to retry once.
+                        self._forget()
+                        if attempt == 2:
+                            raise SpawnError("zygote", 0, "the zygote could not be started")
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        return ours
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+
+def read_message(sock: socket.socket, timeout: float | None = None
+                 ) -> tuple[dict[str, Any] | None, list[int]]:
+    """One message from a status socket; (None, []) on EOF (the zygote died)."""
+    sock.settimeout(timeout)
+    try:
+        data, fds, _flags, _addr = socket.recv_fds(sock, MAX_MSG, 4)
+    finally:
+        sock.settimeout(None)
+    if not data:
+        for fd in fds:
+            os.close(fd)
+        return None, []
+    return json.loads(data), fds
+
+
+_client: ZygoteClient | None = None
+_client_lock = threading.Lock()
+
+
+def client() -> ZygoteClient:
+    global _client
+    with _client_lock:
+        if _client is None:
+            _client = ZygoteClient()
+        return _client
+
+
+def remote_probe() -> dict[str, Any]:
+    """The host probe as the zygote sees it (probing forks, which a threaded caller must not)."""
+    sock = client().request({"op": "probe"}, [])
+    try:
+        msg, _ = read_message(sock, timeout=60)
+    finally:
+        sock.close()
+    if msg is None or "probe" not in msg:
+        raise SpawnError("probe", 0, "the zygote died while probing the host")
+    return dict(msg["probe"])

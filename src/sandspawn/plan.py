@@ -1,0 +1,379 @@
+"""The planner: policy × host probe → a Plan (engine + layers) and a Report, or CannotEnforce.
+
+Every restriction gets one report line: `enforced` (the mechanism satisfies it as declared),
+`weakened` (only a weaker meaning holds and the caller opted in for that restriction), or
+`refused` (neither). Any refused line makes the whole plan fail with CannotEnforce; there is no
+global best-effort switch.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import semantics
+from .confine import landlock
+from .confine.seccomp import SyscallPolicy
+from .errors import PolicyError, SandspawnError
+from .policy import RESTRICTIONS, Policy
+from .probe import HostProbe
+
+ENGINES: tuple[str, ...] = ("auto", "landlock")
+NOBODY = 65534
+
+# include/linux/socket.h (Linux 6.18): AF_MCTP = 45 is the last family, AF_MAX = 46.
+AF_MAX = 46
+
+
+@dataclass(frozen=True)
+class ReportLine:
+    restriction: str
+    requested: str
+    status: str  # "enforced" | "weakened" | "refused"
+    mechanism: str
+    meaning: str
+    reason: str | None = None
+    remedy: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class Report:
+    engine: str
+    lines: tuple[ReportLine, ...]
+
+    def line(self, restriction: str) -> ReportLine:
+        for ln in self.lines:
+            if ln.restriction == restriction:
+                return ln
+        raise KeyError(restriction)
+
+    @property
+    def refused(self) -> tuple[ReportLine, ...]:
+        return tuple(ln for ln in self.lines if ln.status == "refused")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"engine": self.engine, "restrictions": [ln.to_json() for ln in self.lines]}
+
+    def format_table(self) -> str:
+        out = [f"sandspawn report (engine: {self.engine})"]
+        width = max(len(ln.restriction) for ln in self.lines)
+        for ln in self.lines:
+            out.append(f"  {ln.restriction:<{width}}  {ln.status:<8}  {ln.requested}"
+                       f"  [{ln.mechanism}]")
+            out.append(f"  {'':<{width}}            {ln.meaning}")
+            if ln.reason:
+                out.append(f"  {'':<{width}}            reason: {ln.reason}")
+            if ln.remedy:
+                out.append(f"  {'':<{width}}            remedy: {ln.remedy}")
+        return "\n".join(out)
+
+
+class CannotEnforce(SandspawnError):
+    """Some restrictions cannot be enforced here; `refused` lists each with reason and remedy."""
+
+    def __init__(self, report: Report) -> None:
+        self.report = report
+        self.refused = report.refused
+        names = ", ".join(ln.restriction for ln in self.refused)
+        detail = "; ".join(f"{ln.restriction}: {ln.reason} (remedy: {ln.remedy})"
+                           for ln in self.refused)
+        super().__init__(f"cannot enforce {names} with engine {report.engine}: {detail}")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything an engine needs to build the sandbox, decided before anything starts."""
+
+    engine: str
+    policy: Policy
+    report: Report
+    landlock: landlock.RulesetSpec | None
+    seccomp: SyscallPolicy | None
+    rlimits: tuple[tuple[str, int], ...]  # (resource name, limit), applied as soft = hard
+    env: dict[str, str]
+    private_tmpdir: bool
+    uid: int | None  # the uid/gid the payload runs as (set when the caller is root)
+    gid: int | None
+    timeout: float | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Candidate:
+    mechanism: str
+    meaning: str
+    full: bool
+
+
+def _meaning(restriction: str, value: str, mechanism: str, **fmt: object) -> _Candidate:
+    m = semantics.lookup(restriction, value, mechanism)
+    return _Candidate(m.mechanism, m.text.format(**fmt) if fmt else m.text, m.full)
+
+
+def make_plan(
+    policy: Policy,
+    probe: HostProbe,
+    *,
+    engine: str = "auto",
+    allow_weaker: Iterable[str] = (),
+    caller_uid: int | None = None,
+    caller_env: dict[str, str] | None = None,
+    uid: int = NOBODY,
+    gid: int = NOBODY,
+) -> Plan:
+    """Decide how to enforce `policy` on this host, or raise CannotEnforce listing every gap."""
+    weaker = frozenset(allow_weaker)
+    for name in weaker:
+        if name not in RESTRICTIONS:
+            raise PolicyError(f"unknown restriction {name!r}", source="allow_weaker",
+                              value=name, allowed=RESTRICTIONS)
+    if engine not in ENGINES:
+        raise PolicyError(f"unknown engine {engine!r}", source="engine", value=engine,
+                          allowed=ENGINES)
+    caller_uid = os.geteuid() if caller_uid is None else caller_uid
+    # Only one engine exists in this version; "auto" picks it. The namespace engine comes next.
+    return _plan_landlock(policy, probe, weaker, caller_uid,
+                          dict(os.environ) if caller_env is None else caller_env, uid, gid)
+
+
+def _status(restriction: str, requested: str, candidates: list[_Candidate],
+            weaker: frozenset[str], reason: str, remedy: str) -> ReportLine:
+    for cand in candidates:
+        if cand.full:
+            return ReportLine(restriction, requested, "enforced", cand.mechanism, cand.meaning)
+    for cand in candidates:
+        if restriction in weaker:
+            return ReportLine(restriction, requested, "weakened", cand.mechanism, cand.meaning,
+                              reason=reason)
+        return ReportLine(restriction, requested, "refused", cand.mechanism,
+                          f"at best: {cand.meaning}", reason,
+                          remedy + f"; or accept the weaker meaning with "
+                                   f"--allow-weaker {restriction}")
+    return ReportLine(restriction, requested, "refused", "none", "cannot be provided", reason,
+                      remedy)
+
+
+def _plan_landlock(policy: Policy, probe: HostProbe, weaker: frozenset[str], caller_uid: int,
+                   caller_env: dict[str, str], uid: int, gid: int) -> Plan:
+    abi = probe.landlock_abi
+    ll = probe.fact("landlock")
+    sc = probe.fact("seccomp")
+    has_sc = sc.available
+    no_ll = (ll.reason or "Landlock is unavailable", ll.remedy or "use a kernel with Landlock")
+    no_sc = (sc.reason or "seccomp is unavailable", sc.remedy or "install libseccomp2")
+    lines: list[ReportLine] = []
+    fs_fd, net_fd, scope_fd = landlock.rights_for_abi(abi)
+
+    def add(restriction: str, requested: str, cands: list[_Candidate], reason: str,
+            remedy: str) -> None:
+        lines.append(_status(restriction, requested, cands, weaker, reason, remedy))
+
+    # filesystem
+    fs = policy.filesystem
+    req = f"allow-list of {len(fs.paths)} paths" + (", private /tmp" if fs.private_tmp else "")
+    if abi >= 3:
+        add("filesystem", req, [_meaning("filesystem", "allow-list", "landlock")], "", "")
+    elif abi >= 1:
+        add("filesystem", req, [_meaning("filesystem", "allow-list", "landlock (ABI < 3)")],
+            f"Landlock ABI {abi} cannot control truncate()", "use Linux 6.2 or newer")
+    else:
+        add("filesystem", req, [], *no_ll)
+
+    # network
+    net = policy.network
+    req = net.mode + (f" ports {list(net.ports)}" if net.ports else "")
+    if net.mode == "none":
+        if has_sc and abi >= 4:
+            add("network", req, [_meaning("network", "none", "seccomp + landlock")], "", "")
+        elif has_sc:
+            add("network", req, [_meaning("network", "none", "seccomp")], "", "")
+        else:
+            add("network", req, [], *no_sc)
+    elif net.mode == "loopback":
+        add("network", req, [_meaning("network", "loopback", "none")],
+            "a private loopback needs a network namespace, which the landlock engine does not "
+            "create", "use an engine with namespaces")
+    elif net.mode == "tcp-connect":
+        if has_sc and abi >= 4:
+            add("network", req, [_meaning("network", "tcp-connect", "seccomp + landlock")], "", "")
+        else:
+            add("network", req, [], "TCP port rules need Landlock ABI 4 (Linux 6.7) and seccomp",
+                "use Linux 6.7 or newer with libseccomp2 installed")
+    else:
+        add("network", req, [_meaning("network", "host", "none")], "", "")
+
+    # processes
+    if policy.processes == "isolated":
+        cands = ([_meaning("processes", "isolated", "landlock + seccomp")]
+                 if abi >= 6 and has_sc else [])
+        add("processes", "isolated", cands,
+            "processes cannot be isolated without a pid namespace, and the landlock engine "
+            "creates none" + ("" if cands else " (and Landlock ABI 6 signal scoping is missing)"),
+            "this version has no namespace engine yet")
+    else:
+        add("processes", "visible", [_meaning("processes", "visible", "none")], "", "")
+
+    # ipc
+    if policy.ipc == "isolated":
+        if abi >= 6 and has_sc:
+            add("ipc", "isolated", [_meaning("ipc", "isolated", "landlock + seccomp")], "", "")
+        else:
+            add("ipc", "isolated", [], "isolating IPC without namespaces needs Landlock ABI 6 "
+                "(Linux 6.12) scopes and seccomp", "use Linux 6.12 or newer")
+    else:
+        add("ipc", "host", [_meaning("ipc", "host", "none")], "", "")
+    unix_blocked = policy.ipc == "isolated" and abi >= 6 and has_sc
+
+    # display and dbus
+    for name, value in (("display", policy.display), ("dbus", policy.dbus.mode)):
+        if value == "none":
+            mech = "landlock + seccomp" if unix_blocked else "environment only"
+            add(name, "none", [_meaning(name, "none", mech)],
+                "with ipc = host, Unix sockets stay reachable by path",
+                "set ipc = isolated")
+        else:
+            add(name, value, [], f"{name} = {value} is not implemented in this version",
+                f"use {name} = none")
+
+    # devices
+    if policy.devices:
+        add("devices", ", ".join(policy.devices), [],
+            "device access is not implemented in this version", "remove devices.allow")
+    elif abi >= 1:
+        add("devices", "none", [_meaning("devices", "none", "landlock")], "", "")
+    else:
+        add("devices", "none", [], *no_ll)
+
+    # syscalls
+    value = "nested-sandbox" if policy.syscalls.allow_nested_sandbox else "default"
+    if has_sc:
+        add("syscalls", value, [_meaning("syscalls", value, "seccomp")], "", "")
+    else:
+        add("syscalls", value, [], *no_sc)
+
+    # privileges
+    add("privileges", "none",
+        [_meaning("privileges", "none", "no_new_privs + capabilities + setsid")], "", "")
+
+    # resources
+    res = policy.resources
+    rlimits: list[tuple[str, int]] = []
+    texts: list[str] = []
+    all_full = True
+    rl_names = {"cpu_time": "RLIMIT_CPU", "file_size": "RLIMIT_FSIZE",
+                "open_files": "RLIMIT_NOFILE", "memory": "RLIMIT_AS", "pids": "RLIMIT_NPROC"}
+    for key, limit in res.items():
+        mech = "none" if key == "tmp_size" else "rlimit"
+        m = semantics.lookup("resources", key, mech)
+        all_full &= m.full
+        texts.append(f"{key}={limit}: " + m.text.replace(" N ", f" {limit} "))
+        if key in rl_names:
+            rlimits.append((rl_names[key], limit))
+    if texts:
+        cand = _Candidate("rlimit", " ".join(texts), all_full)
+        add("resources", ", ".join(f"{k}={v}" for k, v in res.items()), [cand],
+            "without a delegated cgroup only per-process rlimits exist",
+            "limit memory and pids with cgroups (a later version), or drop these limits")
+    else:
+        add("resources", "unlimited", [_meaning("resources", "unlimited", "none")], "", "")
+
+    # environment
+    env = policy.environment
+    value = "cleared" if env.clear else "inherited"
+    add("environment", value, [_meaning("environment", value, "exec environment")], "", "")
+
+    # lifetime
+    life = _meaning("lifetime", "die-with-caller", "zygote + PDEATHSIG")
+    if policy.lifetime.timeout:
+        life.meaning += f" Timeout: killed after {policy.lifetime.timeout:g} s of wall-clock time."
+    add("lifetime", "die with caller" + (f", timeout {policy.lifetime.timeout:g} s"
+                                         if policy.lifetime.timeout else ""), [life], "", "")
+
+    report = Report("landlock", tuple(lines))
+    if report.refused:
+        raise CannotEnforce(report)
+
+    ruleset = _landlock_ruleset(policy, abi, fs_fd, net_fd, scope_fd)
+    seccomp = _syscall_policy(policy)
+    run_env = env.build(caller_env)
+    return Plan(
+        engine="landlock",
+        policy=policy,
+        report=report,
+        landlock=ruleset,
+        seccomp=seccomp,
+        rlimits=tuple(rlimits),
+        env=run_env,
+        private_tmpdir=policy.filesystem.private_tmp,
+        uid=uid if caller_uid == 0 else None,
+        gid=gid if caller_uid == 0 else None,
+        timeout=policy.lifetime.timeout,
+    )
+
+
+_DEV_NODES = (("/dev/null", "rw"), ("/dev/zero", "rw"), ("/dev/full", "rw"),
+              ("/dev/random", "ro"), ("/dev/urandom", "ro"), ("/dev/tty", "dev"))
+
+
+def _landlock_ruleset(policy: Policy, abi: int, fs_rights: landlock.AccessFs,
+                      net_rights: landlock.AccessNet, scopes: landlock.Scope
+                      ) -> landlock.RulesetSpec:
+    rules: list[landlock.PathRule] = []
+    for rule in policy.filesystem.paths:
+        if not os.path.lexists(rule.path):
+            if rule.optional:
+                continue
+            raise PolicyError(f"path {rule.path} does not exist (mark it optional with a "
+                              "leading '?' if that is expected)", source=policy.name,
+                              key="filesystem", value=rule.path)
+        rules.append(landlock.PathRule(rule.path,
+                                       landlock.access_for_mode(rule.access) & fs_rights))
+    if policy.filesystem.dev:
+        for path, mode in _DEV_NODES:
+            if os.path.exists(path):
+                access = landlock.access_for_mode(mode) & landlock.FILE_RIGHTS & fs_rights
+                if mode == "rw":
+                    access &= ~landlock.AccessFs.TRUNCATE
+                rules.append(landlock.PathRule(path, access))
+    if policy.filesystem.proc:
+        rules.append(landlock.PathRule("/proc", landlock.access_for_mode("ro") & fs_rights))
+
+    handled_net = landlock.AccessNet(0)
+    net_rules: list[landlock.NetRule] = []
+    if policy.network.mode in ("none", "tcp-connect"):
+        handled_net = net_rights
+        net_rules = [landlock.NetRule(p, landlock.AccessNet.CONNECT_TCP & net_rights)
+                     for p in policy.network.ports]
+    scoped = landlock.Scope(0)
+    if policy.ipc == "isolated":
+        scoped |= landlock.Scope.ABSTRACT_UNIX_SOCKET & scopes
+    if policy.processes == "isolated":
+        scoped |= landlock.Scope.SIGNAL & scopes
+    return landlock.RulesetSpec(fs_rights, handled_net, scoped, tuple(rules), tuple(net_rules))
+
+
+def _syscall_policy(policy: Policy) -> SyscallPolicy:
+    ipc_isolated = policy.ipc == "isolated"
+    mode = policy.network.mode
+    families: frozenset[int] | None
+    if mode == "none":
+        families = frozenset() if ipc_isolated else frozenset({socket.AF_UNIX})
+    elif mode == "tcp-connect":
+        families = frozenset({socket.AF_INET, socket.AF_INET6})
+        if not ipc_isolated:
+            families |= {socket.AF_UNIX}
+    else:  # host, or loopback weakened to host
+        families = frozenset(range(AF_MAX)) - {socket.AF_UNIX} if ipc_isolated else None
+    return SyscallPolicy(
+        allow_nested_sandbox=policy.syscalls.allow_nested_sandbox,
+        deny_ptrace=True,
+        socket_families=families,
+        inet_stream_only=mode == "tcp-connect",
+        deny_sysv_ipc=ipc_isolated,
+    )

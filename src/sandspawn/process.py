@@ -1,0 +1,373 @@
+"""Sandboxed processes with a subprocess-shaped API: Popen, run, and explain."""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import IO, Any
+
+from .engines import zygote
+from .errors import SpawnError
+from .plan import NOBODY, Plan, Report, make_plan
+from .policy import Policy
+from .probe import HostProbe
+
+PIPE = subprocess.PIPE
+DEVNULL = subprocess.DEVNULL
+STDOUT = subprocess.STDOUT
+
+_probe_cache: HostProbe | None = None
+
+
+def host_probe() -> HostProbe:
+    """The host's facts, probed once per process (inside the zygote, safe from any thread)."""
+    global _probe_cache
+    if _probe_cache is None:
+        _probe_cache = HostProbe.from_json(zygote.remote_probe())
+    return _probe_cache
+
+
+def resolve_policy(policy: Policy | str | os.PathLike[str],
+                   params: Mapping[str, str] | None = None) -> Policy:
+    if isinstance(policy, Policy):
+        return policy
+    return Policy.load(policy, params)
+
+
+def explain(policy: Policy | str | os.PathLike[str] = "strict", *, engine: str = "auto",
+            allow_weaker: Iterable[str] = (), params: Mapping[str, str] | None = None,
+            uid: int = NOBODY, gid: int = NOBODY) -> Plan:
+    """The plan (with its report) a policy gets on this host; raises CannotEnforce if refused."""
+    return make_plan(resolve_policy(policy, params), host_probe(), engine=engine,
+                     allow_weaker=allow_weaker, uid=uid, gid=gid)
+
+
+_StdSpec = int | IO[Any] | None
+
+
+class Popen:
+    """A sandboxed child process, shaped like subprocess.Popen.
+
+    `returncode` is negative for a signal; `report` says what was enforced; `pidfd` refers to
+    the payload. `kill()` kills the whole sandbox.
+    """
+
+    def __init__(
+        self,
+        args: Sequence[str],
+        policy: Policy | str | os.PathLike[str] = "strict",
+        *,
+        stdin: _StdSpec = None,
+        stdout: _StdSpec = None,
+        stderr: _StdSpec = None,
+        cwd: str | os.PathLike[str] | None = None,
+        env: Mapping[str, str] | None = None,
+        pass_fds: Iterable[int] = (),
+        text: bool = False,
+        encoding: str | None = None,
+        errors: str | None = None,
+        allow_weaker: Iterable[str] = (),
+        engine: str = "auto",
+        params: Mapping[str, str] | None = None,
+        uid: int = NOBODY,
+        gid: int = NOBODY,
+    ) -> None:
+        self.args = list(args)
+        if not self.args:
+            raise ValueError("args must name a program")
+        self.returncode: int | None = None
+        self.timed_out = False
+        self.stdin: IO[Any] | None = None
+        self.stdout: IO[Any] | None = None
+        self.stderr: IO[Any] | None = None
+        self._status: socket.socket | None = None
+        self.pidfd: int | None = None
+        resolved = resolve_policy(policy, params)
+        caller_env = dict(os.environ if env is None else env)
+        self.plan = make_plan(resolved, host_probe(), engine=engine, allow_weaker=allow_weaker,
+                              caller_env=caller_env, uid=uid, gid=gid)
+        self.report: Report = self.plan.report
+        self._text = text or encoding is not None or errors is not None
+        self._encoding = encoding
+        self._errors = errors
+
+        executable = _which(self.args[0], self.plan.env)
+        to_close: list[int] = []
+        parent_ends: list[tuple[str, int]] = []
+        send: list[int] = []
+        fd_map: list[tuple[int, int]] = []
+        try:
+            for target, spec, name in ((0, stdin, "stdin"), (1, stdout, "stdout"),
+                                       (2, stderr, "stderr")):
+                fd = self._child_fd(target, spec, name, to_close, parent_ends, fd_map, send)
+                fd_map.append((len(send), target))
+                send.append(fd)
+            for fd in pass_fds:
+                os.fstat(fd)  # EBADF now, not in the child
+                fd_map.append((len(send), fd))
+                send.append(fd)
+            spec_json = _spec(self.plan, self.args, executable, cwd, fd_map)
+            status = zygote.client().request({"op": "spawn", "spec": spec_json}, send)
+        except BaseException:
+            for _, fd in parent_ends:
+                os.close(fd)
+            raise
+        finally:
+            for fd in to_close:
+                os.close(fd)
+        self._status = status
+        try:
+            msg, fds = zygote.read_message(status)
+        except BaseException:
+            status.close()
+            raise
+        if msg is None or "started" not in msg:
+            status.close()
+            self._status = None
+            for _, fd in parent_ends:
+                os.close(fd)
+            if msg is None:
+                raise SpawnError("zygote", 0, "the zygote died before the sandbox started")
+            step, err, detail = msg["error"]
+            if step == "execve" and err == errno.EACCES:
+                detail += f" (is {executable} under a path with exec access in the policy?)"
+            raise SpawnError(step, err, detail)
+        self.pid: int = int(msg["started"])
+        self.pidfd = fds[0] if fds else None
+        for name, fd in parent_ends:
+            setattr(self, name, self._wrap(fd, name == "stdin"))
+
+    def _child_fd(self, target: int, spec: _StdSpec, name: str, to_close: list[int],
+                  parent_ends: list[tuple[str, int]], fd_map: list[tuple[int, int]],
+                  send: list[int]) -> int:
+        if spec is None:
+            return target
+        if spec == PIPE:
+            r, w = os.pipe2(os.O_CLOEXEC)
+            mine, theirs = (w, r) if target == 0 else (r, w)
+            parent_ends.append((name, mine))
+            to_close.append(theirs)
+            return theirs
+        if spec == DEVNULL:
+            fd = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+            to_close.append(fd)
+            return fd
+        if spec == STDOUT:
+            if target != 2:
+                raise ValueError("STDOUT is only valid for stderr")
+            return send[1]
+        if isinstance(spec, int):
+            return spec
+        return spec.fileno()
+
+    def _wrap(self, fd: int, writable: bool) -> IO[Any]:
+        raw = io.open(fd, "wb" if writable else "rb", buffering=-1)
+        if self._text:
+            return io.TextIOWrapper(raw, encoding=self._encoding, errors=self._errors,
+                                    write_through=writable)
+        return raw
+
+    # --- waiting ------------------------------------------------------------------------------
+
+    def _on_exit(self, msg: dict[str, Any] | None) -> None:
+        if msg is None:  # the zygote died: the payload died with it (PDEATHSIG)
+            self.returncode = -signal.SIGKILL
+        else:
+            status = int(msg["exit"])
+            self.timed_out = bool(msg.get("timed_out"))
+            self.returncode = (-os.WTERMSIG(status) if os.WIFSIGNALED(status)
+                               else os.WEXITSTATUS(status))
+        self._close_status()
+
+    def _close_status(self) -> None:
+        if self._status is not None:
+            self._status.close()
+            self._status = None
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None and self._status is not None:
+            try:
+                msg, _ = zygote.read_message(self._status, timeout=0)
+            except (TimeoutError, BlockingIOError):
+                return None
+            self._on_exit(msg)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None and self._status is not None:
+            try:
+                msg, _ = zygote.read_message(self._status, timeout=timeout)
+            except TimeoutError:
+                raise subprocess.TimeoutExpired(self.args, timeout or 0) from None
+            self._on_exit(msg)
+        assert self.returncode is not None
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        """Signal the payload process (through its pidfd: no pid-reuse race)."""
+        if self.returncode is None and self.pidfd is not None:
+            try:
+                signal.pidfd_send_signal(self.pidfd, sig)
+            except ProcessLookupError:
+                pass
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """Kill the whole sandbox."""
+        if self.returncode is None and self._status is not None:
+            try:
+                self._status.send(b'{"signal": %d}' % signal.SIGKILL)
+            except OSError:
+                pass
+
+    def communicate(self, input: bytes | str | None = None, timeout: float | None = None
+                    ) -> tuple[Any, Any]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        sel = selectors.DefaultSelector()
+        chunks: dict[int, list[bytes]] = {}
+        data = b""
+        if input is not None and self.stdin is not None:
+            data = input.encode(self._encoding or "utf-8") if isinstance(input, str) else input
+        pending = memoryview(data)
+        if self.stdin is not None:
+            self.stdin.flush()
+            if pending:
+                sel.register(self.stdin.fileno(), selectors.EVENT_WRITE, "in")
+            else:
+                self.stdin.close()
+        for stream in (self.stdout, self.stderr):
+            if stream is not None:
+                chunks[stream.fileno()] = []
+                sel.register(stream.fileno(), selectors.EVENT_READ, "out")
+        while sel.get_map():
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise subprocess.TimeoutExpired(self.args, timeout or 0)
+            for key, _ in sel.select(remaining):
+                if key.data == "in":
+                    try:
+                        n = os.write(key.fd, pending[:65536])
+                    except BrokenPipeError:
+                        n = len(pending)
+                    pending = pending[n:]
+                    if not pending:
+                        sel.unregister(key.fd)
+                        assert self.stdin is not None
+                        self.stdin.close()
+                else:
+                    chunk = os.read(key.fd, 65536)
+                    if chunk:
+                        chunks[key.fd].append(chunk)
+                    else:
+                        sel.unregister(key.fd)
+        sel.close()
+        outs = []
+        for stream in (self.stdout, self.stderr):
+            if stream is None:
+                outs.append(None)
+                continue
+            raw = b"".join(chunks[stream.fileno()])
+            stream.close()
+            outs.append(raw.decode(self._encoding or "utf-8", self._errors or "strict")
+                        if self._text else raw)
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        self.wait(remaining)
+        return outs[0], outs[1]
+
+    def __enter__(self) -> Popen:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for stream in (self.stdin, self.stdout, self.stderr):
+            if stream is not None:
+                stream.close()
+        self.wait()
+
+    def __del__(self) -> None:
+        try:
+            self._close_status()
+        except Exception:
+            pass
+
+
+def run(
+    args: Sequence[str],
+    policy: Policy | str | os.PathLike[str] = "strict",
+    *,
+    input: bytes | str | None = None,
+    capture_output: bool = False,
+    timeout: float | None = None,
+    check: bool = False,
+    **kwargs: Any,
+) -> subprocess.CompletedProcess[Any]:
+    """Run a command in a sandbox and wait for it, like subprocess.run.
+
+    On timeout the whole sandbox is killed and TimeoutExpired is raised.
+    """
+    if capture_output:
+        kwargs["stdout"] = PIPE
+        kwargs["stderr"] = PIPE
+    if input is not None:
+        kwargs["stdin"] = PIPE
+    with Popen(args, policy, **kwargs) as proc:
+        try:
+            out, err = proc.communicate(input, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
+        except BaseException:
+            proc.kill()
+            raise
+    completed = subprocess.CompletedProcess(proc.args, proc.wait(), out, err)
+    if check:
+        completed.check_returncode()
+    return completed
+
+
+def _which(program: str, env: Mapping[str, str]) -> str:
+    if "/" in program:
+        return program
+    found = shutil.which(program, path=env.get("PATH", os.defpath))
+    if found is None:
+        raise SpawnError("resolve", errno.ENOENT,
+                         f"{program!r} not found in the sandbox's PATH "
+                         f"{env.get('PATH', os.defpath)!r}")
+    return found
+
+
+def _spec(plan: Plan, argv: list[str], executable: str, cwd: str | os.PathLike[str] | None,
+          fd_map: list[tuple[int, int]]) -> dict[str, Any]:
+    from .confine import landlock
+
+    tmp_access = 0
+    if plan.landlock is not None:
+        tmp_access = int(landlock.access_for_mode("rw") & plan.landlock.handled_fs)
+    return {
+        "argv": argv,
+        "executable": executable,
+        "env": dict(plan.env),
+        "cwd": os.fspath(cwd) if cwd is not None else os.getcwd(),
+        "fds": fd_map,
+        "rlimits": [list(x) for x in plan.rlimits],
+        "uid": plan.uid,
+        "gid": plan.gid,
+        "landlock": plan.landlock.to_json() if plan.landlock is not None else None,
+        "seccomp": plan.seccomp.to_json() if plan.seccomp is not None else None,
+        "private_tmpdir": plan.private_tmpdir,
+        "tmp_access": tmp_access,
+        "timeout": plan.timeout,
+    }

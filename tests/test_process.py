@@ -1,0 +1,144 @@
+"""The library API (Popen, run) on the landlock engine, through the zygote."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+
+import sandspawn
+from sandspawn.engines import zygote
+from sandspawn.policy import Lifetime, Policy
+
+WEAK = {"allow_weaker": {"processes"}}
+
+
+def test_run_captures_output_and_status() -> None:
+    res = sandspawn.run(["python3", "-c", "import sys; print('hi'); sys.exit(3)"],
+                        capture_output=True, text=True, cwd="/", **WEAK)
+    assert res.returncode == 3
+    assert res.stdout == "hi\n"
+    with pytest.raises(subprocess.CalledProcessError):
+        sandspawn.run(["false"], check=True, cwd="/", **WEAK)
+
+
+def test_input_and_stderr_to_stdout() -> None:
+    res = sandspawn.run(["sh", "-c", "cat; echo err >&2"], input=b"data\n",
+                        stdout=sandspawn.PIPE, stderr=sandspawn.STDOUT, cwd="/", **WEAK)
+    assert res.stdout == b"data\nerr\n"
+
+
+def test_popen_report_pidfd_and_kill() -> None:
+    with sandspawn.Popen(["sleep", "30"], "strict", cwd="/", **WEAK) as proc:
+        assert proc.report.line("processes").status == "weakened"
+        assert proc.pidfd is not None and proc.pid > 0
+        assert proc.poll() is None
+        proc.kill()
+        assert proc.wait(timeout=10) == -signal.SIGKILL
+
+
+def test_terminate_and_send_signal() -> None:
+    proc = sandspawn.Popen(["sleep", "30"], cwd="/", **WEAK)
+    proc.terminate()
+    assert proc.wait(10) == -signal.SIGTERM
+
+
+def test_wait_timeout_raises() -> None:
+    proc = sandspawn.Popen(["sleep", "30"], cwd="/", **WEAK)
+    with pytest.raises(subprocess.TimeoutExpired):
+        proc.wait(timeout=0.2)
+    proc.kill()
+    proc.wait()
+
+
+def test_run_timeout_kills_the_process_group() -> None:
+    start = time.monotonic()
+    with pytest.raises(subprocess.TimeoutExpired):
+        sandspawn.run(["sh", "-c", "sleep 30 & sleep 30 & wait"], timeout=0.5, cwd="/", **WEAK)
+    assert time.monotonic() - start < 10
+
+
+def test_policy_timeout_is_enforced_by_the_zygote() -> None:
+    pol = Policy.load("strict")
+    pol = Policy(**{**pol.__dict__, "lifetime": Lifetime(timeout=0.5)})
+    proc = sandspawn.Popen(["sleep", "30"], pol, cwd="/", **WEAK)
+    assert proc.wait(timeout=10) == -signal.SIGKILL
+    assert proc.timed_out
+
+
+def test_spawn_error_names_the_step() -> None:
+    with pytest.raises(sandspawn.SpawnError) as info:
+        sandspawn.run(["true"], cwd="/nonexistent-dir", **WEAK)
+    assert info.value.step == "chdir" and info.value.errno == errno.ENOENT
+
+
+def test_exec_denied_by_landlock_is_a_spawn_error(tmp_path: object) -> None:
+    with pytest.raises(sandspawn.SpawnError) as info:
+        sandspawn.run(["/bin/true"], Policy(processes="visible"), cwd="/")
+    assert info.value.step == "execve" and info.value.errno == errno.EACCES
+    assert "exec access" in str(info.value)
+
+
+def test_cannot_enforce_from_the_api() -> None:
+    with pytest.raises(sandspawn.CannotEnforce) as info:
+        sandspawn.Popen(["true"], "strict")
+    assert [ln.restriction for ln in info.value.refused] == ["processes"]
+
+
+def test_spawn_from_busy_threads() -> None:
+    stop = threading.Event()
+
+    def spin() -> None:
+        x = 0
+        while not stop.is_set():
+            x += 1
+
+    threads = [threading.Thread(target=spin, daemon=True) for _ in range(8)]
+    for t in threads:
+        t.start()
+    results: list[int] = []
+    errors: list[BaseException] = []
+
+    def spawner() -> None:
+        try:
+            for _ in range(5):
+                results.append(sandspawn.run(["true"], cwd="/", **WEAK).returncode)
+        except BaseException as exc:
+            errors.append(exc)
+
+    spawners = [threading.Thread(target=spawner) for _ in range(4)]
+    try:
+        for t in spawners:
+            t.start()
+        for t in spawners:
+            t.join(60)
+    finally:
+        stop.set()
+    assert not errors, errors
+    assert results == [0] * 20
+
+
+def test_no_fd_leak_after_many_spawns() -> None:
+    sandspawn.run(["true"], cwd="/", **WEAK)
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(30):
+        sandspawn.run(["sh", "-c", "echo x"], capture_output=True, cwd="/", **WEAK)
+    assert len(os.listdir("/proc/self/fd")) <= before
+
+
+def test_zygote_killed_next_spawn_recovers() -> None:
+    sandspawn.run(["true"], cwd="/", **WEAK)
+    client = zygote.client()
+    old = client.pid
+    assert old is not None
+    running = sandspawn.Popen(["sleep", "30"], cwd="/", **WEAK)
+    os.kill(old, signal.SIGKILL)
+    # The running sandbox dies with its zygote (PDEATHSIG) and wait() does not hang.
+    assert running.wait(timeout=10) == -signal.SIGKILL
+    assert sandspawn.run(["true"], cwd="/", **WEAK).returncode == 0
+    assert client.pid != old
