@@ -26,7 +26,8 @@ def drop_to_nobody() -> None:
     os.setresuid(NOBODY, NOBODY, NOBODY)
 
 
-def in_child(body: Callable[[], Any], *, as_nobody: bool = False, timeout: float = 30) -> ChildResult:
+def in_child(body: Callable[[], Any], *, as_nobody: bool = False,
+             timeout: float = 30) -> ChildResult:
     """Fork, optionally drop to uid 65534 (only when running as root), run body, report back.
 
     The body's return value must be JSON-serialisable.
@@ -62,5 +63,5 @@ def in_child(body: Callable[[], Any], *, as_nobody: bool = False, timeout: float
 
 
 def both_users() -> list[bool]:
-    """Parametrisation for as_nobody: as root we test as root and as 65534; otherwise as ourselves."""
+    """Values for as_nobody: as root, test as root and as 65534; otherwise as ourselves."""
     return [False, True] if os.geteuid() == 0 else [False]

@@ -12,14 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from forked import in_child
 from sandspawn import semantics
 from sandspawn.confine import landlock
 from sandspawn.errors import PolicyError
 from sandspawn.plan import CannotEnforce, make_plan
 from sandspawn.policy import DBus, Network, PathRule, Policy, Resources
 from sandspawn.probe import Fact, HostProbe, probe_host
-
-from forked import in_child
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ class SandspawnError(Exception):
 
 
 class PolicyError(SandspawnError, ValueError):
-    """A policy or profile is invalid: names the source, the key, the bad value and what is allowed."""
+    """A policy or profile is invalid: names source, key, bad value and what is allowed."""
 
     def __init__(
         self,

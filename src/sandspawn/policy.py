@@ -1,4 +1,4 @@
-"""The policy model: what a sandbox may do, as frozen dataclasses, loaded from TOML or built in Python.
+"""The policy model: what a sandbox may do, as frozen dataclasses, from TOML or Python.
 
 Unknown keys and bad values are errors that name the source, the key, the bad value and what is
 allowed (Flatpak silently ignores unknown options; we don't). `a.restrict(b)` composes policies
@@ -58,7 +58,7 @@ def _mode_for_ops(ops: frozenset[str]) -> str:
 
 @dataclass(frozen=True)
 class PathRule:
-    """One allowed path: `access` is ro, rw, exec (read + execute) or rwx; optional paths may be missing."""
+    """One allowed path: access ro, rw, exec (read + execute) or rwx; optional may be missing."""
 
     path: str
     access: str = "ro"

@@ -169,7 +169,7 @@ class Popen:
         return spec.fileno()
 
     def _wrap(self, fd: int, writable: bool) -> IO[Any]:
-        raw = io.open(fd, "wb" if writable else "rb", buffering=-1)
+        raw = open(fd, "wb" if writable else "rb", buffering=-1)
         if self._text:
             return io.TextIOWrapper(raw, encoding=self._encoding, errors=self._errors,
                                     write_through=writable)
@@ -274,7 +274,7 @@ class Popen:
                     else:
                         sel.unregister(key.fd)
         sel.close()
-        outs = []
+        outs: list[Any] = []
         for stream in (self.stdout, self.stderr):
             if stream is None:
                 outs.append(None)

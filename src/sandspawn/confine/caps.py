@@ -1,4 +1,4 @@
-"""Dropping capabilities: bounding set, ambient set, and the effective/permitted/inheritable sets."""
+"""Dropping capabilities: the bounding, ambient, effective, permitted and inheritable sets."""
 
 from __future__ import annotations
 
@@ -51,7 +51,8 @@ def clear_all_sets() -> None:
     """Empty the effective, permitted and inheritable sets (always allowed)."""
     header = _CapHeader(_CAP_VERSION_3, 0)
     data = (_CapData * 2)()
-    _libc.syscall("capset", ctypes.byref(header), ctypes.byref(data))
+    _libc.syscall("capset", ctypes.c_void_p(ctypes.addressof(header)),
+                  ctypes.c_void_p(ctypes.addressof(data)))
 
 
 def has_setpcap() -> bool:

@@ -71,7 +71,8 @@ class ZygoteClient:
                         # The zygote died before this request reached it: safe to retry once.
                         self._forget()
                         if attempt == 2:
-                            raise SpawnError("zygote", 0, "the zygote could not be started")
+                            raise SpawnError("zygote", 0,
+                                             "the zygote could not be started") from None
         except BaseException:
             ours.close()
             raise

@@ -1,0 +1,99 @@
+#!/usr/bin/env python3
+"""Spawn latency of /usr/bin/true: plain subprocess vs sandspawn vs bubblewrap, in one run.
+
+Every round runs each case once, in a shuffled order, so all cases share the machine's noise.
+Reports p50/p90/p99 in microseconds, the p50 ratio to plain subprocess, and the paired ratio
+(median over rounds of case/plain within the round, robust to drift).
+
+    python3 benchmarks/spawn.py [--rounds 300] [--json]
+    setpriv --reuid=65534 --regid=65534 --clear-groups python3 benchmarks/spawn.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import sandspawn
+
+TRUE = "/usr/bin/true"
+BWRAP_ROOT = ["--ro-bind", "/usr", "/usr", "--symlink", "usr/lib", "/lib",
+              "--symlink", "usr/lib64", "/lib64", "--symlink", "usr/bin", "/bin",
+              "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
+
+
+def cases() -> dict[str, Callable[[], int]]:
+    out: dict[str, Callable[[], int]] = {
+        "plain subprocess.run": lambda: subprocess.run(
+            [TRUE], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL).returncode,
+        "sandspawn landlock engine (strict, processes weakened)": lambda: sandspawn.run(
+            [TRUE], "strict", allow_weaker={"processes"}, engine="landlock", cwd="/",
+            stdin=sandspawn.DEVNULL, stdout=sandspawn.DEVNULL).returncode,
+    }
+    bwrap = shutil.which("bwrap")
+    if bwrap:
+        argv = [bwrap, "--unshare-all", "--die-with-parent", "--new-session", *BWRAP_ROOT, TRUE]
+        out["bwrap --unshare-all, minimal /usr root"] = lambda: subprocess.run(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL).returncode
+    return out
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=300)
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+
+    todo = cases()
+    names = list(todo)
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(args.warmup + args.rounds):
+        order = names[:]
+        random.shuffle(order)
+        for name in order:
+            t0 = time.perf_counter_ns()
+            code = todo[name]()
+            dt = (time.perf_counter_ns() - t0) / 1000
+            if code != 0:
+                print(f"{name}: exit {code}", file=sys.stderr)
+                return 1
+            if i >= args.warmup:
+                samples[name].append(dt)
+
+    base = names[0]
+    rows = []
+    for name in names:
+        xs = samples[name]
+        paired = statistics.median(x / b for x, b in zip(xs, samples[base], strict=True))
+        rows.append({"case": name, "p50": statistics.median(xs), "p90": pct(xs, 90),
+                     "p99": pct(xs, 99), "x_plain": statistics.median(xs)
+                     / statistics.median(samples[base]), "x_plain_paired": paired})
+    who = f"uid {os.getuid()}"
+    if args.json:
+        print(json.dumps({"user": who, "rounds": args.rounds, "rows": rows}, indent=2))
+        return 0
+    print(f"{args.rounds} interleaved rounds, {who}, kernel {os.uname().release}")
+    print("| case | p50 µs | p90 µs | p99 µs | × plain p50 (paired) |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['case']} | {r['p50']:.0f} | {r['p90']:.0f} | {r['p99']:.0f} | "
+              f"{r['x_plain']:.2f} ({r['x_plain_paired']:.2f}) |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
