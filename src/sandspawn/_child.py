@@ -18,6 +18,16 @@ _RESET_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD, signal.SIGINT,
                   signal.SIGHUP)
 
 
+class HostCaps:
+    """Capability facts of the zygote, read once (reading /proc after each fork is slow)."""
+
+    __slots__ = ("setpcap", "last_cap")
+
+    def __init__(self) -> None:
+        self.setpcap = caps.has_setpcap()
+        self.last_cap = caps.last_cap()
+
+
 class _StepFailed(Exception):
     def __init__(self, step: str, err: int, detail: str = "") -> None:
         super().__init__(step)
@@ -57,12 +67,23 @@ def _dupfd_above(fd: int, floor: int) -> int:
     return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, floor)
 
 
-def _drop_identity(uid: int, gid: int) -> None:
-    if caps.has_setpcap():
-        caps.drop_bounding_set(caps.last_cap())
+def _drop_identity(uid: int, gid: int, host: HostCaps) -> None:
+    if host.setpcap:
+        caps.drop_bounding_set(host.last_cap)
     os.setgroups([])
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
+
+
+def _chdir(path: str, fallback: bool) -> None:
+    # Like bwrap: the caller's directory when the payload may enter it, else "/" (only when the
+    # caller did not ask for a directory).
+    try:
+        os.chdir(path)
+    except OSError:
+        if not fallback:
+            raise
+        os.chdir("/")
 
 
 def _die_with_parent(parent: int) -> None:
@@ -72,7 +93,7 @@ def _die_with_parent(parent: int) -> None:
 
 
 def run_child(spec: dict[str, Any], fds: list[int], bpf: bytes | None, errfd: int,
-              parent: int) -> NoReturn:
+              parent: int, host: HostCaps) -> NoReturn:
     """Never returns: execs the payload or exits 127 after reporting the failed step."""
     try:
         for sig in _RESET_SIGNALS:
@@ -84,12 +105,12 @@ def run_child(spec: dict[str, Any], fds: list[int], bpf: bytes | None, errfd: in
         errfd = _step("close fds", _place_fds, fd_map, errfd)
         _step("rlimits", rlimits.apply, [tuple(x) for x in spec["rlimits"]])
         if spec.get("uid") is not None:
-            _step("set uid/gid", _drop_identity, spec["uid"], spec["gid"])
+            _step("set uid/gid", _drop_identity, spec["uid"], spec["gid"], host)
         _step("drop capabilities", caps.clear_ambient)
         _step("drop capabilities", caps.clear_all_sets)
         _step("die with parent", _die_with_parent, parent)
         if spec.get("cwd"):
-            _step("chdir", os.chdir, spec["cwd"])
+            _step("chdir", _chdir, spec["cwd"], spec.get("cwd_fallback", False))
         _step("no_new_privs", _libc.set_no_new_privs)
         if spec.get("landlock") is not None:
             _step("landlock", landlock.apply, landlock.RulesetSpec.from_json(spec["landlock"]))

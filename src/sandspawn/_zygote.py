@@ -54,6 +54,7 @@ class Zygote:
         self.bpf_cache: dict[str, bytes] = {}
         self.probe_json: dict[str, Any] | None = None
         self.pid = os.getpid()
+        self.host_caps = _child.HostCaps()
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.wake_r = rfd
         signal.set_wakeup_fd(wfd)
@@ -181,7 +182,7 @@ class Zygote:
         pid = os.fork()
         if pid == 0:
             os.close(errr)
-            _child.run_child(spec, fds[1:], bpf, errw, self.pid)
+            _child.run_child(spec, fds[1:], bpf, errw, self.pid, self.host_caps)
         os.close(errw)
         for fd in fds[1:]:
             os.close(fd)

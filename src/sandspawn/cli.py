@@ -58,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a command in a sandbox")
     policy_args(run)
     run.add_argument("--report", action="store_true", help="print the report to stderr")
+    run.add_argument("--cwd", help="working directory of the command (default: the current "
+                     "one, or / when the sandbox may not enter it)")
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ARGS...")
 
     doctor = sub.add_parser("doctor", help="what this host offers, with reasons and remedies")
@@ -123,7 +125,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print("sandspawn: run needs a command after --", file=sys.stderr)
         return EXIT_OWN_ERROR
     proc = Popen(cmd, _policy(args), allow_weaker=args.allow_weaker, engine=args.engine,
-                 uid=args.uid, gid=args.gid)
+                 uid=args.uid, gid=args.gid, cwd=args.cwd)
     if args.report or args.json:
         _print_report(proc.report, args.json)
 

@@ -35,10 +35,19 @@ def host_probe() -> HostProbe:
     return _probe_cache
 
 
+_builtin_cache: dict[str, Policy] = {}
+
+
 def resolve_policy(policy: Policy | str | os.PathLike[str],
                    params: Mapping[str, str] | None = None) -> Policy:
     if isinstance(policy, Policy):
         return policy
+    if isinstance(policy, str) and not params and "/" not in policy:
+        # Built-in profiles are package data: they cannot change while we run.
+        cached = _builtin_cache.get(policy)
+        if cached is None:
+            cached = _builtin_cache[policy] = Policy.load(policy)
+        return cached
     return Policy.load(policy, params)
 
 
@@ -57,7 +66,9 @@ class Popen:
     """A sandboxed child process, shaped like subprocess.Popen.
 
     `returncode` is negative for a signal; `report` says what was enforced; `pidfd` refers to
-    the payload. `kill()` kills the whole sandbox.
+    the payload. `kill()` kills the whole sandbox. Without `cwd`, the payload starts in the
+    caller's directory, or in / when the sandbox may not enter it. When the caller is root the
+    payload runs as `uid`/`gid` (65534 by default), never as host root.
     """
 
     def __init__(
@@ -361,6 +372,7 @@ def _spec(plan: Plan, argv: list[str], executable: str, cwd: str | os.PathLike[s
         "executable": executable,
         "env": dict(plan.env),
         "cwd": os.fspath(cwd) if cwd is not None else os.getcwd(),
+        "cwd_fallback": cwd is None,
         "fds": fd_map,
         "rlimits": [list(x) for x in plan.rlimits],
         "uid": plan.uid,

@@ -1,0 +1,71 @@
+"""`sandspawn doctor` diagnoses made-up hostile environments with the true reason, from outside
+the test process: a seccomp filter that blocks unshare, and a user namespace whose
+user.max_user_namespaces is 0 (what bwrap --disable-userns and Flatpak do)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from forked import NOBODY
+
+# Installs our default seccomp filter (which answers EPERM to unshare), then execs the doctor.
+UNDER_SECCOMP = """
+import os, sys
+from sandspawn.confine import _libc, seccomp
+_libc.set_no_new_privs()
+seccomp.load_bpf(seccomp.compile_bpf(seccomp.SyscallPolicy()))
+os.execv(sys.executable, [sys.executable, "-m", "sandspawn", "doctor", "--json"])
+"""
+
+# Enters a new user namespace (mapped to root inside), sets max_user_namespaces to 0 there, and
+# execs the doctor: creating any further user namespace then fails with ENOSPC.
+IN_CAPPED_USERNS = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+uid, gid = os.getuid(), os.getgid()
+if libc.unshare(0x10000000) != 0:
+    raise OSError(ctypes.get_errno(), "unshare")
+open("/proc/self/setgroups", "w").write("deny")
+open("/proc/self/uid_map", "w").write(f"0 {uid} 1")
+open("/proc/self/gid_map", "w").write(f"0 {gid} 1")
+open("/proc/sys/user/max_user_namespaces", "w").write("0")
+os.execv(sys.executable, [sys.executable, "-m", "sandspawn", "doctor", "--json"])
+"""
+
+
+def users() -> list[list[str]]:
+    drop = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+    return [[], drop] if os.geteuid() == 0 else [[]]
+
+
+def doctor(prefix: list[str], script: str) -> dict[str, dict[str, object]]:
+    res = subprocess.run([*prefix, sys.executable, "-c", script], capture_output=True,
+                         text=True, timeout=60, cwd="/")
+    assert res.returncode == 0, res.stderr
+    return {f["name"]: f for f in json.loads(res.stdout)["facts"]}
+
+
+@pytest.mark.parametrize("prefix", users(), ids=lambda p: "nobody" if p else "self")
+def test_doctor_under_seccomp_blocking_unshare(prefix: list[str]) -> None:
+    facts = doctor(prefix, UNDER_SECCOMP)
+    userns = facts["userns"]
+    assert not userns["available"]
+    assert userns["step"] == "unshare" and userns["errno"] == 1  # EPERM
+    assert "seccomp" in str(userns["reason"]) and userns["remedy"]
+    assert not facts["seccomp_active"]["available"]
+    assert "Seccomp: 2" in str(facts["seccomp_active"]["reason"])
+    assert facts["landlock"]["available"]  # the landlock engine still works here
+
+
+@pytest.mark.parametrize("prefix", users(), ids=lambda p: "nobody" if p else "self")
+def test_doctor_in_userns_with_max_user_namespaces_zero(prefix: list[str]) -> None:
+    facts = doctor(prefix, IN_CAPPED_USERNS)
+    userns = facts["userns"]
+    assert not userns["available"]
+    assert userns["errno"] == 28  # ENOSPC
+    assert "max_user_namespaces" in str(userns["reason"]) and userns["remedy"]
