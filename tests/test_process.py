@@ -142,3 +142,46 @@ def test_zygote_killed_next_spawn_recovers() -> None:
     assert running.wait(timeout=10) == -signal.SIGKILL
     assert sandspawn.run(["true"], cwd="/", **WEAK).returncode == 0
     assert client.pid != old
+
+
+CALLER = """
+import sys, sandspawn
+proc = sandspawn.Popen(["sh", "-c", "sleep 60 & sleep 60 & echo started; wait"],
+                       allow_weaker={"processes"}, cwd="/", stdout=sandspawn.PIPE)
+assert proc.stdout.readline() == b"started\\n"
+print(proc.pid, sandspawn.engines.zygote.client().pid, flush=True)
+sys.stdin.read()  # until killed
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_caller_sigkill_kills_every_sandbox() -> None:
+    import sys
+
+    caller = subprocess.Popen([sys.executable, "-c", "import sandspawn.engines.zygote\n" + CALLER],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/")
+    assert caller.stdout is not None
+    payload, zyg = (int(x) for x in caller.stdout.readline().split())
+    group = [int(p) for p in os.listdir("/proc") if p.isdigit() and _pgid(int(p)) == payload]
+    assert payload in group and len(group) >= 3  # sh and its two sleepers
+    caller.kill()
+    caller.wait()
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline and any(_alive(p) for p in [*group, zyg]):
+        time.sleep(0.02)
+    assert not [p for p in [*group, zyg] if _alive(p)], "sandbox outlived its caller"
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().split(")")[1].split()[3])
+    except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+        return None
