@@ -1,8 +1,9 @@
-"""The child side of a spawn: runs in a freshly forked child of the single-threaded zygote.
+"""The child side of a spawn: runs in a child forked in advance by the single-threaded zygote.
 
-Applies the plan in a fixed order and execs the payload. Each step that fails is reported to the
-zygote through `errfd` as "step\\0errno\\0detail" and the child exits 127; a successful execve
-closes `errfd` (close-on-exec), which is how the zygote knows the payload started.
+`warm_main` applies the policy's restrictions in a fixed order as soon as the child is forked,
+then waits for the exec request and execs the payload. Each step that fails is reported to the
+zygote as "step\\0errno\\0detail" and the child exits 127; a successful execve closes the
+socket (close-on-exec), which is how the zygote knows the payload started.
 """
 
 from __future__ import annotations
@@ -92,36 +93,70 @@ def _die_with_parent(parent: int) -> None:
         raise OSError(0, "parent exited before PR_SET_PDEATHSIG took effect")
 
 
-def run_child(spec: dict[str, Any], fds: list[int], bpf: bytes | None, errfd: int,
-              parent: int, host: HostCaps) -> NoReturn:
-    """Never returns: execs the payload or exits 127 after reporting the failed step."""
+def specialize(spec: dict[str, Any], bpf: bytes | None, parent: int, host: HostCaps) -> None:
+    """Apply every policy-dependent restriction; raises _StepFailed. Runs before the request."""
+    for sig in _RESET_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+    signal.set_wakeup_fd(-1)
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
+    _step("setsid", os.setsid)
+    _step("rlimits", rlimits.apply, [tuple(x) for x in spec["rlimits"]])
+    if spec.get("uid") is not None:
+        _step("set uid/gid", _drop_identity, spec["uid"], spec["gid"], host)
+    _step("drop capabilities", caps.clear_ambient)
+    _step("drop capabilities", caps.clear_all_sets)
+    _step("die with parent", _die_with_parent, parent)
+    _step("no_new_privs", _libc.set_no_new_privs)
+    if spec.get("landlock") is not None:
+        _step("landlock", landlock.apply, landlock.RulesetSpec.from_json(spec["landlock"]))
+    if bpf is not None:
+        _step("seccomp", seccomp.load_bpf, bpf)
+
+
+def execute(req: dict[str, Any], fds: list[int], errfd: int) -> NoReturn:
+    """Place stdio and passed fds, close the rest, chdir, execve; report any failure on errfd."""
     try:
-        for sig in _RESET_SIGNALS:
-            signal.signal(sig, signal.SIG_DFL)
-        signal.set_wakeup_fd(-1)
-        signal.pthread_sigmask(signal.SIG_SETMASK, ())
-        _step("setsid", os.setsid)
-        fd_map = [(fds[i], target) for i, target in spec["fds"]]
+        fd_map = [(fds[i], target) for i, target in req["fds"]]
         errfd = _step("close fds", _place_fds, fd_map, errfd)
-        _step("rlimits", rlimits.apply, [tuple(x) for x in spec["rlimits"]])
-        if spec.get("uid") is not None:
-            _step("set uid/gid", _drop_identity, spec["uid"], spec["gid"], host)
-        _step("drop capabilities", caps.clear_ambient)
-        _step("drop capabilities", caps.clear_all_sets)
-        _step("die with parent", _die_with_parent, parent)
-        if spec.get("cwd"):
-            _step("chdir", _chdir, spec["cwd"], spec.get("cwd_fallback", False))
-        _step("no_new_privs", _libc.set_no_new_privs)
-        if spec.get("landlock") is not None:
-            _step("landlock", landlock.apply, landlock.RulesetSpec.from_json(spec["landlock"]))
-        if bpf is not None:
-            _step("seccomp", seccomp.load_bpf, bpf)
-        _step("execve", os.execve, spec["executable"], spec["argv"], spec["env"])
+        if req.get("cwd"):
+            _step("chdir", _chdir, req["cwd"], req.get("cwd_fallback", False))
+        _step("execve", os.execve, req["executable"], req["argv"], req["env"])
         raise _StepFailed("execve", 0, "returned")
     except _StepFailed as exc:
         _report(errfd, exc.step, exc.err, exc.detail)
     except BaseException as exc:  # any bug must still be reported, never run the payload
         _report(errfd, "internal", 0, f"{type(exc).__name__}: {exc}")
+    os._exit(127)
+
+
+def warm_main(sock_fd: int, spec: dict[str, Any], bpf: bytes | None, parent: int,
+              host: HostCaps) -> NoReturn:
+    """A pre-forked child: specialise for `spec` at once, then wait for one exec request.
+
+    The request (argv, env, cwd, fd map, with the fds as SCM_RIGHTS) arrives on `sock_fd`; the
+    same socket carries a failure report back, and closes on a successful execve (it is
+    close-on-exec), which is how the zygote knows the payload started. Every restriction is in
+    place before the request is read.
+    """
+    import json
+    import socket
+
+    try:
+        # Nothing inherited from the zygote stays open: other sandboxes' status sockets,
+        # the control socket, other pre-forked children's sockets.
+        os.closerange(3, sock_fd)
+        os.closerange(sock_fd + 1, 1 << 20)
+        specialize(spec, bpf, parent, host)
+        sock = socket.socket(fileno=sock_fd)
+        data, fds, _flags, _addr = socket.recv_fds(sock, 1 << 20, 253)
+        if not data:
+            os._exit(0)  # the zygote retired us
+        sock.detach()
+        execute(json.loads(data), fds, sock_fd)
+    except _StepFailed as exc:
+        _report(sock_fd, exc.step, exc.err, exc.detail)
+    except BaseException as exc:  # any bug must still be reported, never run the payload
+        _report(sock_fd, "internal", 0, f"{type(exc).__name__}: {exc}")
     os._exit(127)
 
 

@@ -32,6 +32,9 @@ from .confine import _libc
 
 MAX_MSG = 1 << 20
 MAX_FDS = 253  # SCM_MAX_FD (include/net/scm.h)
+MAX_WARM = 4  # policies with a pre-forked child waiting
+# What a pre-forked child is specialised for; everything else comes with the exec request.
+_PLAN_KEYS = ("landlock", "seccomp", "uid", "gid", "rlimits", "private_tmpdir", "tmp_access")
 
 
 class _Sandbox:
@@ -46,11 +49,34 @@ class _Sandbox:
         self.timed_out = False
 
 
+class _Warm:
+    """A child forked and restricted in advance for one policy, waiting for its exec request."""
+
+    __slots__ = ("pid", "sock", "tmpdir")
+
+    def __init__(self, pid: int, sock: socket.socket, tmpdir: str | None) -> None:
+        self.pid = pid
+        self.sock = sock
+        self.tmpdir = tmpdir
+
+
+def _plan_key(spec: dict[str, Any]) -> str:
+    return json.dumps({k: spec.get(k) for k in _PLAN_KEYS}, sort_keys=True)
+
+
+def _waitpid_quiet(pid: int) -> None:
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass  # already reaped by the SIGCHLD loop
+
+
 class Zygote:
     def __init__(self, control: socket.socket) -> None:
         self.control = control
         self.sel = selectors.DefaultSelector()
         self.sandboxes: dict[int, _Sandbox] = {}
+        self.warm: dict[str, _Warm] = {}
         self.bpf_cache: dict[str, bytes] = {}
         self.probe_json: dict[str, Any] | None = None
         self.pid = os.getpid()
@@ -165,61 +191,93 @@ class Zygote:
     def _spawn(self, req: dict[str, Any], fds: list[int]) -> None:
         status = socket.socket(fileno=fds[0])
         spec = req["spec"]
-        tmpdir = None
+        key = _plan_key(spec)
+        warm = self.warm.pop(key, None)
         try:
-            bpf = self._bpf(spec.get("seccomp"))
-            if spec.get("private_tmpdir"):
-                tmpdir = self._make_tmpdir(spec)
+            if warm is None:
+                warm = self._fork_warm(spec)
         except Exception as exc:
             self._send(status, {"error": ["prepare", getattr(exc, "errno", 0) or 0, str(exc)]})
             status.close()
             for fd in fds[1:]:
                 os.close(fd)
-            if tmpdir:
-                shutil.rmtree(tmpdir, ignore_errors=True)
             return
-        errr, errw = os.pipe2(os.O_CLOEXEC)
-        pid = os.fork()
-        if pid == 0:
-            os.close(errr)
-            _child.run_child(spec, fds[1:], bpf, errw, self.pid, self.host_caps)
-        os.close(errw)
+        env = dict(spec["env"])
+        if warm.tmpdir:
+            env["TMPDIR"] = warm.tmpdir
+        request = {k: spec[k] for k in ("argv", "executable", "cwd", "cwd_fallback", "fds")}
+        request["env"] = env
+        try:
+            socket.send_fds(warm.sock, [json.dumps(request).encode()], fds[1:])
+        except OSError:
+            pass  # it already failed: its report is waiting in the socket
         for fd in fds[1:]:
             os.close(fd)
         report = b""
         while True:
-            chunk = os.read(errr, 4096)
+            try:
+                chunk = warm.sock.recv(4096)
+            except OSError:
+                chunk = b""
             if not chunk:
                 break
             report += chunk
-        os.close(errr)
+        warm.sock.close()
         if report:
-            os.waitpid(pid, 0)
+            _waitpid_quiet(warm.pid)
             step, err, detail = report.decode(errors="replace").split("\0", 2)
             self._send(status, {"error": [step, int(err), detail]})
             status.close()
+            if warm.tmpdir:
+                shutil.rmtree(warm.tmpdir, ignore_errors=True)
+        else:
+            pidfd = os.pidfd_open(warm.pid)
+            self._send(status, {"started": warm.pid}, [pidfd])
+            os.close(pidfd)
+            timeout = spec.get("timeout")
+            deadline = time.monotonic() + float(timeout) if timeout else None
+            self.sandboxes[warm.pid] = _Sandbox(warm.pid, status, warm.tmpdir, deadline)
+            self.sel.register(status, selectors.EVENT_READ, warm.pid)
+        self._prefork(key, spec)
+
+    def _prefork(self, key: str, spec: dict[str, Any]) -> None:
+        """Fork the next child for this policy now, off the caller's critical path."""
+        try:
+            self.warm[key] = self._fork_warm(spec)
+        except Exception:
+            return  # the next spawn forks in line and reports the failure
+        while len(self.warm) > MAX_WARM:
+            self._retire(self.warm.pop(next(iter(self.warm))))
+
+    def _retire(self, warm: _Warm) -> None:
+        warm.sock.close()  # EOF: it exits without running anything
+        _waitpid_quiet(warm.pid)
+        if warm.tmpdir:
+            shutil.rmtree(warm.tmpdir, ignore_errors=True)
+
+    def _fork_warm(self, spec: dict[str, Any]) -> _Warm:
+        bpf = self._bpf(spec.get("seccomp"))
+        tmpdir = None
+        child_spec = spec
+        try:
+            if spec.get("private_tmpdir"):
+                tmpdir = tempfile.mkdtemp(prefix="sandspawn-tmp-")
+                if spec.get("uid") is not None:
+                    os.chown(tmpdir, spec["uid"], spec["gid"])
+                if spec.get("landlock") is not None:
+                    ll = dict(spec["landlock"])
+                    ll["path_rules"] = [*ll["path_rules"], [tmpdir, int(spec["tmp_access"])]]
+                    child_spec = {**spec, "landlock": ll}
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            pid = os.fork()
+        except BaseException:
             if tmpdir:
                 shutil.rmtree(tmpdir, ignore_errors=True)
-            return
-        pidfd = os.pidfd_open(pid)
-        self._send(status, {"started": pid}, [pidfd])
-        os.close(pidfd)
-        timeout = spec.get("timeout")
-        deadline = time.monotonic() + float(timeout) if timeout else None
-        self.sandboxes[pid] = _Sandbox(pid, status, tmpdir, deadline)
-        self.sel.register(status, selectors.EVENT_READ, pid)
-
-    def _make_tmpdir(self, spec: dict[str, Any]) -> str:
-        path = tempfile.mkdtemp(prefix="sandspawn-tmp-")
-        if spec.get("uid") is not None:
-            os.chown(path, spec["uid"], spec["gid"])
-        spec["env"]["TMPDIR"] = path
-        if spec.get("landlock") is not None:
-            # READ_FILE|READ_DIR|WRITE_FILE|REMOVE_*|MAKE_DIR|MAKE_REG|MAKE_SOCK|MAKE_FIFO|
-            # MAKE_SYM|REFER|TRUNCATE, masked by the planner's handled set.
-            rw = int(spec["tmp_access"])
-            spec["landlock"]["path_rules"].append([path, rw])
-        return path
+            raise
+        if pid == 0:
+            _child.warm_main(theirs.fileno(), child_spec, bpf, self.pid, self.host_caps)
+        theirs.close()
+        return _Warm(pid, ours, tmpdir)
 
     # --- status sockets and reaping ---------------------------------------------------------
 
@@ -266,6 +324,10 @@ class Zygote:
                 shutil.rmtree(box.tmpdir, ignore_errors=True)
 
     def shutdown(self) -> None:
+        for warm in self.warm.values():
+            warm.sock.close()
+            if warm.tmpdir:
+                shutil.rmtree(warm.tmpdir, ignore_errors=True)
         for pid in list(self.sandboxes):
             try:
                 os.killpg(pid, signal.SIGKILL)
