@@ -16,6 +16,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .aio import create_subprocess_exec
     from .errors import PolicyError, SandspawnError, SpawnError
     from .plan import CannotEnforce, Plan, Report, ReportLine
     from .policy import Policy
@@ -27,6 +28,7 @@ _EXPORTS = {
     "Policy": "policy",
     "DEVNULL": "process", "PIPE": "process", "STDOUT": "process", "Popen": "process",
     "explain": "process", "host_probe": "process", "run": "process",
+    "create_subprocess_exec": "aio",
 }
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
