@@ -135,9 +135,12 @@ def test_control_without_sandbox_reaches_everything(targets: dict[str, object]) 
     args = dict(targets, expect_uid=NOBODY if os.geteuid() == 0 else os.getuid())
     env = {"TMPDIR": tempfile.mkdtemp(), "PATH": "/usr/bin"}
     os.chmod(env["TMPDIR"], 0o777)
-    res = subprocess.run([*run_as(os.geteuid() == 0), PYTHON, "-c", PROBE, json.dumps(args)],
-                         capture_output=True, text=True, env=env, timeout=60,
-                         stdin=subprocess.DEVNULL)
+    try:
+        res = subprocess.run([*run_as(os.geteuid() == 0), PYTHON, "-c", PROBE, json.dumps(args)],
+                             capture_output=True, text=True, env=env, timeout=60,
+                             stdin=subprocess.DEVNULL)
+    finally:
+        shutil.rmtree(env["TMPDIR"])
     out = json.loads(res.stdout)
     assert out["read_outside"] == 0 and out["write_outside"] == 0
     assert out["tcp_connect"] == 0 and out["abstract_connect"] == 0

@@ -185,3 +185,18 @@ def _pgid(pid: int) -> int | None:
             return int(f.read().split(")")[1].split()[3])
     except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
         return None
+
+
+def test_private_tmpdir_is_private_and_removed() -> None:
+    res = sandspawn.run(["sh", "-c", 'ls -A "$TMPDIR"; echo data > "$TMPDIR/f"; echo "$TMPDIR"'],
+                        capture_output=True, text=True, cwd="/", **WEAK)
+    assert res.returncode == 0, res.stderr
+    listing, path = res.stdout.splitlines()[:-1], res.stdout.splitlines()[-1]
+    assert listing == []  # empty when the payload starts
+    deadline = time.monotonic() + 5
+    while os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not os.path.exists(path)
+    other = sandspawn.run(["sh", "-c", 'echo "$TMPDIR"'], capture_output=True, text=True,
+                          cwd="/", **WEAK)
+    assert other.stdout.strip() != path

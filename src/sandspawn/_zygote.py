@@ -72,8 +72,9 @@ def _waitpid_quiet(pid: int) -> None:
 
 
 class Zygote:
-    def __init__(self, control: socket.socket) -> None:
+    def __init__(self, control: socket.socket, base: str) -> None:
         self.control = control
+        self.base = base
         self.sel = selectors.DefaultSelector()
         self.sandboxes: dict[int, _Sandbox] = {}
         self.warm: dict[str, _Warm] = {}
@@ -261,7 +262,7 @@ class Zygote:
         child_spec = spec
         try:
             if spec.get("private_tmpdir"):
-                tmpdir = tempfile.mkdtemp(prefix="sandspawn-tmp-")
+                tmpdir = tempfile.mkdtemp(prefix="tmp-", dir=self.base)
                 if spec.get("uid") is not None:
                     os.chown(tmpdir, spec["uid"], spec["gid"])
                 if spec.get("landlock") is not None:
@@ -365,10 +366,13 @@ def _children() -> list[int]:
 
 
 def main(argv: list[str]) -> None:
-    fd = int(argv[1])
+    fd, base = int(argv[1]), argv[3]
     _libc.prctl(_libc.PR_SET_CHILD_SUBREAPER, 1)
     control = socket.socket(fileno=fd)
-    Zygote(control).serve()
+    try:
+        Zygote(control, base).serve()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 if __name__ == "__main__":

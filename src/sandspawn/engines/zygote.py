@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from typing import Any
 
@@ -29,12 +31,18 @@ class ZygoteClient:
         self._sock: socket.socket | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._owner_pid = 0
+        self._base: str | None = None
 
     def _start(self) -> socket.socket:
+        # The zygote keeps its sandboxes' private temporary directories under this one, so
+        # whoever outlives the other can remove them all.
+        self._base = tempfile.mkdtemp(prefix="sandspawn-")
+        os.chmod(self._base, 0o711)  # payloads of other uids must reach their own directory
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-c", _BOOT, str(theirs.fileno()), _PKG_PARENT],
+                [sys.executable, "-I", "-S", "-c", _BOOT, str(theirs.fileno()), _PKG_PARENT,
+                 self._base],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,  # terminal signals go to the caller, not the zygote
@@ -52,9 +60,13 @@ class ZygoteClient:
         return self._sock
 
     def _forget(self) -> None:
+        """The zygote died: its sandboxes died with it; remove what it left behind."""
         if self._sock is not None:
             self._sock.close()
         self._sock = None
+        if self._base is not None:
+            shutil.rmtree(self._base, ignore_errors=True)
+            self._base = None
 
     def request(self, msg: dict[str, Any], fds: list[int]) -> socket.socket:
         """Send `msg` with a fresh reply socket first in the fds; return our end of it."""
