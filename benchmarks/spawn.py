@@ -5,7 +5,7 @@ Every round runs each case once, in a shuffled order, so all cases share the mac
 Reports p50/p90/p99 in microseconds, the p50 ratio to plain subprocess, and the paired ratio
 (median over rounds of case/plain within the round, robust to drift).
 
-    python3 benchmarks/spawn.py [--rounds 300] [--json]
+    python3 benchmarks/spawn.py [--rounds 300] [--json] [--callers 2 --seconds 3]
     setpriv --reuid=65534 --regid=65534 --clear-groups python3 benchmarks/spawn.py
 """
 
@@ -46,6 +46,31 @@ def cases() -> dict[str, Callable[[], int]]:
     return out
 
 
+def throughput(names: list[str], callers: int, seconds: float) -> dict[str, float]:
+    """Spawns per second with `callers` concurrent caller processes, each case in turn."""
+    out = {}
+    for name in names:
+        procs = [subprocess.Popen([sys.executable, __file__, "--worker", name, "--seconds",
+                                   str(seconds)], stdout=subprocess.PIPE, text=True)
+                 for _ in range(callers)]
+        total = sum(int(p.communicate()[0]) for p in procs)
+        out[name] = total / seconds
+    return out
+
+
+def worker(name: str, seconds: float) -> int:
+    fn = cases()[name]
+    fn()  # warm up (starts the zygote for sandspawn)
+    n = 0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if fn() != 0:
+            return 1
+        n += 1
+    print(n)
+    return 0
+
+
 def pct(xs: list[float], p: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
@@ -56,7 +81,13 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=300)
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--callers", type=int, default=0,
+                    help="also measure spawns/second with this many concurrent callers")
+    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.worker:
+        return worker(args.worker, args.seconds)
 
     todo = cases()
     names = list(todo)
@@ -83,8 +114,10 @@ def main() -> int:
                      "p99": pct(xs, 99), "x_plain": statistics.median(xs)
                      / statistics.median(samples[base]), "x_plain_paired": paired})
     who = f"uid {os.getuid()}"
+    rates = throughput(names, args.callers, args.seconds) if args.callers else {}
     if args.json:
-        print(json.dumps({"user": who, "rounds": args.rounds, "rows": rows}, indent=2))
+        print(json.dumps({"user": who, "rounds": args.rounds, "rows": rows,
+                          "spawns_per_second": rates, "callers": args.callers}, indent=2))
         return 0
     print(f"{args.rounds} interleaved rounds, {who}, kernel {os.uname().release}")
     print("| case | p50 µs | p90 µs | p99 µs | × plain p50 (paired) |")
@@ -92,6 +125,12 @@ def main() -> int:
     for r in rows:
         print(f"| {r['case']} | {r['p50']:.0f} | {r['p90']:.0f} | {r['p99']:.0f} | "
               f"{r['x_plain']:.2f} ({r['x_plain_paired']:.2f}) |")
+    if rates:
+        print(f"\nspawns/second with {args.callers} concurrent callers, {args.seconds:g} s each")
+        print("| case | spawns/s |")
+        print("|---|---|")
+        for name, rate in rates.items():
+            print(f"| {name} | {rate:.0f} |")
     return 0
 
 
