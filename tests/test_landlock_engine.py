@@ -232,9 +232,10 @@ def test_missing_program_exits_125() -> None:
 
 
 def test_explain_and_doctor() -> None:
-    res = sandspawn("explain", "--profile", "strict", "--json")
+    res = sandspawn("explain", "--profile", "strict", "--engine", "landlock", "--json")
     assert res.returncode == 125 and "processes" in res.stderr
-    res = sandspawn("explain", "--profile", "strict", "--allow-weaker", "processes", "--json")
+    res = sandspawn("explain", "--profile", "strict", "--engine", "landlock", "--allow-weaker",
+                    "processes", "--json")
     assert res.returncode == 0
     lines = {r["restriction"]: r for r in json.loads(res.stdout)["restrictions"]}
     assert lines["processes"]["status"] == "weakened"

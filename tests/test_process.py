@@ -8,6 +8,7 @@ import signal
 import subprocess
 import threading
 import time
+from typing import Any
 
 import pytest
 
@@ -15,82 +16,89 @@ import sandspawn
 from sandspawn.engines import zygote
 from sandspawn.policy import Lifetime, Policy
 
-WEAK = {"allow_weaker": {"processes"}}
+ENGINES = [{"engine": "native"},
+           {"engine": "landlock", "allow_weaker": {"processes"}}]
 
 
-def test_run_captures_output_and_status() -> None:
+@pytest.fixture(params=ENGINES, ids=lambda o: str(o["engine"]))
+def opts(request: pytest.FixtureRequest) -> dict[str, Any]:
+    return dict(request.param)
+
+
+def test_run_captures_output_and_status(opts: dict[str, Any]) -> None:
     res = sandspawn.run(["python3", "-c", "import sys; print('hi'); sys.exit(3)"],
-                        capture_output=True, text=True, cwd="/", **WEAK)
+                        capture_output=True, text=True, cwd="/", **opts)
     assert res.returncode == 3
     assert res.stdout == "hi\n"
     with pytest.raises(subprocess.CalledProcessError):
-        sandspawn.run(["false"], check=True, cwd="/", **WEAK)
+        sandspawn.run(["false"], check=True, cwd="/", **opts)
 
 
-def test_input_and_stderr_to_stdout() -> None:
+def test_input_and_stderr_to_stdout(opts: dict[str, Any]) -> None:
     res = sandspawn.run(["sh", "-c", "cat; echo err >&2"], input=b"data\n",
-                        stdout=sandspawn.PIPE, stderr=sandspawn.STDOUT, cwd="/", **WEAK)
+                        stdout=sandspawn.PIPE, stderr=sandspawn.STDOUT, cwd="/", **opts)
     assert res.stdout == b"data\nerr\n"
 
 
-def test_popen_report_pidfd_and_kill() -> None:
-    with sandspawn.Popen(["sleep", "30"], "strict", cwd="/", **WEAK) as proc:
-        assert proc.report.line("processes").status == "weakened"
+def test_popen_report_pidfd_and_kill(opts: dict[str, Any]) -> None:
+    with sandspawn.Popen(["sleep", "30"], "strict", cwd="/", **opts) as proc:
+        expected = "enforced" if opts["engine"] == "native" else "weakened"
+        assert proc.report.line("processes").status == expected
         assert proc.pidfd is not None and proc.pid > 0
         assert proc.poll() is None
         proc.kill()
         assert proc.wait(timeout=10) == -signal.SIGKILL
 
 
-def test_terminate_and_send_signal() -> None:
-    proc = sandspawn.Popen(["sleep", "30"], cwd="/", **WEAK)
+def test_terminate_and_send_signal(opts: dict[str, Any]) -> None:
+    proc = sandspawn.Popen(["sleep", "30"], cwd="/", **opts)
     proc.terminate()
     assert proc.wait(10) == -signal.SIGTERM
 
 
-def test_wait_timeout_raises() -> None:
-    proc = sandspawn.Popen(["sleep", "30"], cwd="/", **WEAK)
+def test_wait_timeout_raises(opts: dict[str, Any]) -> None:
+    proc = sandspawn.Popen(["sleep", "30"], cwd="/", **opts)
     with pytest.raises(subprocess.TimeoutExpired):
         proc.wait(timeout=0.2)
     proc.kill()
     proc.wait()
 
 
-def test_run_timeout_kills_the_process_group() -> None:
+def test_run_timeout_kills_the_process_group(opts: dict[str, Any]) -> None:
     start = time.monotonic()
     with pytest.raises(subprocess.TimeoutExpired):
-        sandspawn.run(["sh", "-c", "sleep 30 & sleep 30 & wait"], timeout=0.5, cwd="/", **WEAK)
+        sandspawn.run(["sh", "-c", "sleep 30 & sleep 30 & wait"], timeout=0.5, cwd="/", **opts)
     assert time.monotonic() - start < 10
 
 
-def test_policy_timeout_is_enforced_by_the_zygote() -> None:
+def test_policy_timeout_is_enforced_by_the_zygote(opts: dict[str, Any]) -> None:
     pol = Policy.load("strict")
     pol = Policy(**{**pol.__dict__, "lifetime": Lifetime(timeout=0.5)})
-    proc = sandspawn.Popen(["sleep", "30"], pol, cwd="/", **WEAK)
+    proc = sandspawn.Popen(["sleep", "30"], pol, cwd="/", **opts)
     assert proc.wait(timeout=10) == -signal.SIGKILL
     assert proc.timed_out
 
 
-def test_spawn_error_names_the_step() -> None:
+def test_spawn_error_names_the_step(opts: dict[str, Any]) -> None:
     with pytest.raises(sandspawn.SpawnError) as info:
-        sandspawn.run(["true"], cwd="/nonexistent-dir", **WEAK)
+        sandspawn.run(["true"], cwd="/nonexistent-dir", **opts)
     assert info.value.step == "chdir" and info.value.errno == errno.ENOENT
 
 
-def test_exec_denied_by_landlock_is_a_spawn_error(tmp_path: object) -> None:
+def test_exec_denied_by_landlock_is_a_spawn_error() -> None:
     with pytest.raises(sandspawn.SpawnError) as info:
-        sandspawn.run(["/bin/true"], Policy(processes="visible"), cwd="/")
+        sandspawn.run(["/bin/true"], Policy(processes="visible"), cwd="/", engine="landlock")
     assert info.value.step == "execve" and info.value.errno == errno.EACCES
     assert "exec access" in str(info.value)
 
 
 def test_cannot_enforce_from_the_api() -> None:
     with pytest.raises(sandspawn.CannotEnforce) as info:
-        sandspawn.Popen(["true"], "strict")
+        sandspawn.Popen(["true"], "strict", engine="landlock")
     assert [ln.restriction for ln in info.value.refused] == ["processes"]
 
 
-def test_spawn_from_busy_threads() -> None:
+def test_spawn_from_busy_threads(opts: dict[str, Any]) -> None:
     stop = threading.Event()
 
     def spin() -> None:
@@ -107,7 +115,7 @@ def test_spawn_from_busy_threads() -> None:
     def spawner() -> None:
         try:
             for _ in range(5):
-                results.append(sandspawn.run(["true"], cwd="/", **WEAK).returncode)
+                results.append(sandspawn.run(["true"], cwd="/", **opts).returncode)
         except BaseException as exc:
             errors.append(exc)
 
@@ -123,31 +131,32 @@ def test_spawn_from_busy_threads() -> None:
     assert results == [0] * 20
 
 
-def test_no_fd_leak_after_many_spawns() -> None:
-    sandspawn.run(["true"], cwd="/", **WEAK)
+def test_no_fd_leak_after_many_spawns(opts: dict[str, Any]) -> None:
+    sandspawn.run(["true"], cwd="/", **opts)
     before = len(os.listdir("/proc/self/fd"))
     for _ in range(30):
-        sandspawn.run(["sh", "-c", "echo x"], capture_output=True, cwd="/", **WEAK)
+        sandspawn.run(["sh", "-c", "echo x"], capture_output=True, cwd="/", **opts)
     assert len(os.listdir("/proc/self/fd")) <= before
 
 
-def test_zygote_killed_next_spawn_recovers() -> None:
-    sandspawn.run(["true"], cwd="/", **WEAK)
+def test_zygote_killed_next_spawn_recovers(opts: dict[str, Any]) -> None:
+    sandspawn.run(["true"], cwd="/", **opts)
     client = zygote.client()
     old = client.pid
     assert old is not None
-    running = sandspawn.Popen(["sleep", "30"], cwd="/", **WEAK)
+    running = sandspawn.Popen(["sleep", "30"], cwd="/", **opts)
     os.kill(old, signal.SIGKILL)
     # The running sandbox dies with its zygote (PDEATHSIG) and wait() does not hang.
     assert running.wait(timeout=10) == -signal.SIGKILL
-    assert sandspawn.run(["true"], cwd="/", **WEAK).returncode == 0
+    assert sandspawn.run(["true"], cwd="/", **opts).returncode == 0
     assert client.pid != old
 
 
 CALLER = """
 import sys, sandspawn
 proc = sandspawn.Popen(["sh", "-c", "sleep 60 & sleep 60 & echo started; wait"],
-                       allow_weaker={"processes"}, cwd="/", stdout=sandspawn.PIPE)
+                       allow_weaker={"processes"}, cwd="/", stdout=sandspawn.PIPE,
+                       engine="landlock")
 assert proc.stdout.readline() == b"started\\n"
 print(proc.pid, sandspawn.engines.zygote.client().pid, flush=True)
 sys.stdin.read()  # until killed
@@ -188,8 +197,9 @@ def _pgid(pid: int) -> int | None:
 
 
 def test_private_tmpdir_is_private_and_removed() -> None:
+    opts = ENGINES[1]  # the landlock engine's private /tmp is a host directory: check cleanup
     res = sandspawn.run(["sh", "-c", 'ls -A "$TMPDIR"; echo data > "$TMPDIR/f"; echo "$TMPDIR"'],
-                        capture_output=True, text=True, cwd="/", **WEAK)
+                        capture_output=True, text=True, cwd="/", **opts)
     assert res.returncode == 0, res.stderr
     listing, path = res.stdout.splitlines()[:-1], res.stdout.splitlines()[-1]
     assert listing == []  # empty when the payload starts
@@ -198,5 +208,5 @@ def test_private_tmpdir_is_private_and_removed() -> None:
         time.sleep(0.01)
     assert not os.path.exists(path)
     other = sandspawn.run(["sh", "-c", 'echo "$TMPDIR"'], capture_output=True, text=True,
-                          cwd="/", **WEAK)
+                          cwd="/", **opts)
     assert other.stdout.strip() != path

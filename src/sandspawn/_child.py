@@ -165,3 +165,85 @@ def _report(errfd: int, step: str, err: int, detail: str) -> None:
         os.write(errfd, f"{step}\0{err}\0{detail}".encode(errors="replace")[:4000])
     except OSError:
         pass
+
+
+def native_warm_main(sock_fd: int, spec: dict[str, Any], bpf: bytes | None, parent: int,
+                     host: HostCaps) -> NoReturn:
+    """A pre-forked namespace sandbox: builds it at once, then waits for one exec request.
+
+    This process enters the namespaces and stays outside the new pid namespace as a waiter
+    that mirrors the payload's exit status (namespaces.fork_init); pid 1 reaps and forwards
+    signals; pid 2 builds the root, drops everything, reports "ready" and waits on `sock_fd`.
+    """
+    from .confine import namespaces
+
+    try:
+        os.closerange(3, sock_fd)
+        os.closerange(sock_fd + 1, 1 << 20)
+        for sig in _RESET_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        signal.set_wakeup_fd(-1)
+        signal.pthread_sigmask(signal.SIG_SETMASK, ())
+        _step("user namespace", _enter_namespaces, spec)
+        # After the uid change (which clears it): die with the zygote.
+        _step("die with parent", _die_with_parent, parent)
+        namespaces.fork_init(lambda: _native_payload(sock_fd, spec, bpf, host))
+    except _StepFailed as exc:
+        _report(sock_fd, exc.step, exc.err, exc.detail)
+    except OSError as exc:
+        _report(sock_fd, getattr(exc, "step", "namespaces"), exc.errno or 0, str(exc))
+    except BaseException as exc:  # any bug must still be reported, never run the payload
+        _report(sock_fd, "internal", 0, f"{type(exc).__name__}: {exc}")
+    os._exit(127)
+
+
+def _enter_namespaces(spec: dict[str, Any]) -> None:
+    from .confine import namespaces
+
+    namespaces.enter_user_namespace(
+        map_uid=spec["inside_uid"], map_gid=spec["inside_gid"], host_uid=spec["uid"],
+        host_gid=spec["gid"], other_flags=spec["namespaces"] & ~namespaces.CLONE_NEWUSER)
+
+
+def _native_payload(sock_fd: int, spec: dict[str, Any], bpf: bytes | None,
+                    host: HostCaps) -> NoReturn:
+    """Pid 2: mounts → hostname → loopback → setsid → rlimits → capabilities → no_new_privs →
+    Landlock → seccomp, then "ready", then the exec request."""
+    import json
+    import socket
+
+    from .confine import loopback, mounts, namespaces
+
+    try:
+        try:
+            mounts.apply(mounts.ops_from_json(spec["mounts"]))
+        except mounts.MountError as exc:
+            raise _StepFailed(exc.step, exc.errno or 0, str(exc)) from None
+        if spec.get("hostname"):
+            _step("sethostname", namespaces.sethostname, spec["hostname"])
+        if spec.get("loopback"):
+            _step("loopback", loopback.bring_up_loopback)
+        _step("setsid", os.setsid)
+        _step("rlimits", rlimits.apply, [tuple(x) for x in spec["rlimits"]])
+        # Inside the user namespace we hold every capability: drop them all, bounding set too.
+        _step("drop capabilities", caps.drop_bounding_set, host.last_cap)
+        _step("drop capabilities", caps.clear_ambient)
+        _step("drop capabilities", caps.clear_all_sets)
+        _step("no_new_privs", _libc.set_no_new_privs)
+        if spec.get("landlock") is not None:
+            _step("landlock", landlock.apply, landlock.RulesetSpec.from_json(spec["landlock"]))
+        if bpf is not None:
+            _step("seccomp", seccomp.load_bpf, bpf)
+        sock = socket.socket(fileno=sock_fd)
+        # The zygote reads our host pid from this message's credentials (SO_PASSCRED).
+        sock.send(b'{"ready": true}')
+        data, fds, _flags, _addr = socket.recv_fds(sock, 1 << 20, 253)
+        if not data:
+            os._exit(0)  # retired before use
+        sock.detach()
+        execute(json.loads(data), fds, sock_fd)
+    except _StepFailed as exc:
+        _report(sock_fd, exc.step, exc.err, exc.detail)
+    except BaseException as exc:
+        _report(sock_fd, "internal", 0, f"{type(exc).__name__}: {exc}")
+    os._exit(127)

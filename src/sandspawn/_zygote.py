@@ -8,7 +8,7 @@ plan and execs (see _child.py), then reports on the status socket:
     {"started": pid}  + the payload's pidfd      or      {"error": [step, errno, detail]}
     {"exit": wait_status}                          when the payload is reaped
 
-and obeys {"signal": N} requests on that socket (the whole process group is signalled).
+and obeys {"kill": true} on that socket (the whole sandbox is killed).
 When the control socket reaches EOF (the caller exited, however it died), the zygote kills every
 sandbox it started, reaps everything (it is a child subreaper, so orphans come back to it) and
 exits.
@@ -34,30 +34,64 @@ MAX_MSG = 1 << 20
 MAX_FDS = 253  # SCM_MAX_FD (include/net/scm.h)
 MAX_WARM = 4  # policies with a pre-forked child waiting
 # What a pre-forked child is specialised for; everything else comes with the exec request.
-_PLAN_KEYS = ("landlock", "seccomp", "uid", "gid", "rlimits", "private_tmpdir", "tmp_access")
+_PLAN_KEYS = ("engine", "landlock", "seccomp", "uid", "gid", "rlimits", "private_tmpdir",
+              "tmp_access", "namespaces", "mounts", "hostname", "loopback", "inside_uid",
+              "inside_gid")
 
 
 class _Sandbox:
-    __slots__ = ("pid", "status", "tmpdir", "deadline", "timed_out")
+    __slots__ = ("pid", "status", "tmpdir", "deadline", "timed_out", "native")
 
     def __init__(self, pid: int, status: socket.socket, tmpdir: str | None,
-                 deadline: float | None) -> None:
-        self.pid = pid
+                 deadline: float | None, native: bool) -> None:
+        self.pid = pid  # our child: the payload itself, or the namespace sandbox's waiter
         self.status = status
         self.tmpdir = tmpdir
         self.deadline = deadline
         self.timed_out = False
+        self.native = native
+
+    def kill(self) -> None:
+        """SIGKILL the whole sandbox: its process group, or (with a pid namespace) its
+        waiter, whose death kills pid 1 (PDEATHSIG) and with it the namespace."""
+        try:
+            if self.native:
+                os.kill(self.pid, signal.SIGKILL)
+            else:
+                os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 class _Warm:
     """A child forked and restricted in advance for one policy, waiting for its exec request."""
 
-    __slots__ = ("pid", "sock", "tmpdir")
+    __slots__ = ("pid", "sock", "tmpdir", "native")
 
-    def __init__(self, pid: int, sock: socket.socket, tmpdir: str | None) -> None:
+    def __init__(self, pid: int, sock: socket.socket, tmpdir: str | None, native: bool) -> None:
         self.pid = pid
         self.sock = sock
         self.tmpdir = tmpdir
+        self.native = native
+
+
+_CREDS_SPACE = socket.CMSG_SPACE(12)  # struct ucred {pid_t pid; uid_t uid; gid_t gid}
+
+
+def _sender_pid(ancillary: list[tuple[int, int, bytes]]) -> int | None:
+    """The sender's pid, translated by the kernel into our pid namespace (SCM_CREDENTIALS)."""
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(data) >= 4:
+            return int.from_bytes(data[:4], sys.byteorder, signed=True)
+    return None
+
+
+def _recv(sock: socket.socket) -> tuple[bytes, list[tuple[int, int, bytes]]]:
+    try:
+        data, anc, _flags, _addr = sock.recvmsg(4096, _CREDS_SPACE)
+    except OSError:
+        return b"", []
+    return data, anc
 
 
 def _plan_key(spec: dict[str, Any]) -> str:
@@ -120,10 +154,7 @@ class Zygote:
         for box in self.sandboxes.values():
             if box.deadline is not None and not box.timed_out and box.deadline <= now:
                 box.timed_out = True
-                try:
-                    os.killpg(box.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
+                box.kill()
 
     def _on_control(self) -> bool:
         try:
@@ -208,23 +239,36 @@ class Zygote:
             env["TMPDIR"] = warm.tmpdir
         request = {k: spec[k] for k in ("argv", "executable", "cwd", "cwd_fallback", "fds")}
         request["env"] = env
-        try:
-            socket.send_fds(warm.sock, [json.dumps(request).encode()], fds[1:])
-        except OSError:
-            pass  # it already failed: its report is waiting in the socket
+        report = b""
+        payload, pidfd = warm.pid, -1
+        if warm.native:
+            # Pid 2 says "ready" once built; take its pidfd while it waits for the request (a
+            # short-lived payload is reaped by its pid 1, not by us, right after it exits).
+            first, anc = _recv(warm.sock)
+            if first == b'{"ready": true}':
+                payload = _sender_pid(anc) or payload
+                try:
+                    pidfd = os.pidfd_open(payload)
+                except OSError:
+                    pidfd = -1
+            else:
+                report = first
+        if not report:
+            try:
+                socket.send_fds(warm.sock, [json.dumps(request).encode()], fds[1:])
+            except OSError:
+                pass  # it already failed: its report is waiting in the socket
         for fd in fds[1:]:
             os.close(fd)
-        report = b""
-        while True:
-            try:
-                chunk = warm.sock.recv(4096)
-            except OSError:
-                chunk = b""
+        while not report:
+            chunk, _anc = _recv(warm.sock)
             if not chunk:
                 break
             report += chunk
         warm.sock.close()
         if report:
+            if pidfd >= 0:
+                os.close(pidfd)
             _waitpid_quiet(warm.pid)
             step, err, detail = report.decode(errors="replace").split("\0", 2)
             self._send(status, {"error": [step, int(err), detail]})
@@ -232,12 +276,14 @@ class Zygote:
             if warm.tmpdir:
                 shutil.rmtree(warm.tmpdir, ignore_errors=True)
         else:
-            pidfd = os.pidfd_open(warm.pid)
-            self._send(status, {"started": warm.pid}, [pidfd])
+            if pidfd < 0:
+                pidfd = os.pidfd_open(payload)  # our own child: alive or a zombie until reaped
+            self._send(status, {"started": payload}, [pidfd])
             os.close(pidfd)
             timeout = spec.get("timeout")
             deadline = time.monotonic() + float(timeout) if timeout else None
-            self.sandboxes[warm.pid] = _Sandbox(warm.pid, status, warm.tmpdir, deadline)
+            self.sandboxes[warm.pid] = _Sandbox(warm.pid, status, warm.tmpdir, deadline,
+                                                warm.native)
             self.sel.register(status, selectors.EVENT_READ, warm.pid)
         self._prefork(key, spec)
 
@@ -269,16 +315,20 @@ class Zygote:
                     ll = dict(spec["landlock"])
                     ll["path_rules"] = [*ll["path_rules"], [tmpdir, int(spec["tmp_access"])]]
                     child_spec = {**spec, "landlock": ll}
+            native = spec.get("engine") == "native"
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            if native:  # the payload's host pid arrives as the credentials of "ready"
+                ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
             pid = os.fork()
         except BaseException:
             if tmpdir:
                 shutil.rmtree(tmpdir, ignore_errors=True)
             raise
         if pid == 0:
-            _child.warm_main(theirs.fileno(), child_spec, bpf, self.pid, self.host_caps)
+            main = _child.native_warm_main if native else _child.warm_main
+            main(theirs.fileno(), child_spec, bpf, self.pid, self.host_caps)
         theirs.close()
-        return _Warm(pid, ours, tmpdir)
+        return _Warm(pid, ours, tmpdir, native)
 
     # --- status sockets and reaping ---------------------------------------------------------
 
@@ -294,10 +344,10 @@ class Zygote:
             self.sel.unregister(box.status)
             return
         try:
-            sig = int(json.loads(data)["signal"])
-            os.killpg(pid, sig)
-        except (ValueError, KeyError, TypeError, ProcessLookupError, PermissionError):
-            pass
+            json.loads(data)["kill"]
+        except (ValueError, KeyError, TypeError):
+            return
+        box.kill()
 
     def _reap(self) -> None:
         while True:
@@ -310,11 +360,9 @@ class Zygote:
             box = self.sandboxes.pop(pid, None)
             if box is None:
                 continue  # an orphan that was reparented to us (we are a child subreaper)
-            # The leader is gone: the rest of its process group goes with it.
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+            # The payload (or the pid namespace) is gone: the rest of the sandbox goes with it.
+            if not box.native:
+                box.kill()
             try:
                 self.sel.unregister(box.status)
             except (KeyError, ValueError):
@@ -329,11 +377,8 @@ class Zygote:
             warm.sock.close()
             if warm.tmpdir:
                 shutil.rmtree(warm.tmpdir, ignore_errors=True)
-        for pid in list(self.sandboxes):
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+        for box in self.sandboxes.values():
+            box.kill()
         # Kill and reap until no child is left: orphans of killed sandboxes come back to us.
         while True:
             children = _children()
@@ -346,9 +391,9 @@ class Zygote:
                 pid, _ = os.waitpid(-1, 0)
             except ChildProcessError:
                 break
-            box = self.sandboxes.pop(pid, None)
-            if box and box.tmpdir:
-                shutil.rmtree(box.tmpdir, ignore_errors=True)
+            gone = self.sandboxes.pop(pid, None)
+            if gone and gone.tmpdir:
+                shutil.rmtree(gone.tmpdir, ignore_errors=True)
         for box in self.sandboxes.values():
             if box.tmpdir:
                 shutil.rmtree(box.tmpdir, ignore_errors=True)

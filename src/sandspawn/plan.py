@@ -21,7 +21,7 @@ from .errors import PolicyError, SandspawnError
 from .policy import RESTRICTIONS, Policy
 from .probe import HostProbe
 
-ENGINES: tuple[str, ...] = ("auto", "landlock")
+ENGINES: tuple[str, ...] = ("auto", "native", "landlock")
 NOBODY = 65534
 
 # include/linux/socket.h (Linux 6.18): AF_MCTP = 45 is the last family, AF_MAX = 46.
@@ -98,9 +98,15 @@ class Plan:
     rlimits: tuple[tuple[str, int], ...]  # (resource name, limit), applied as soft = hard
     env: dict[str, str]
     private_tmpdir: bool
-    uid: int | None  # the uid/gid the payload runs as (set when the caller is root)
+    uid: int | None  # the host uid/gid the payload runs as (set when the caller is root)
     gid: int | None
     timeout: float | None
+    namespaces: int = 0  # clone flags of the native engine (0: no namespaces)
+    mounts: tuple[Any, ...] = ()  # the native engine's mount operations (confine.mounts)
+    hostname: str | None = None
+    loopback: bool = False
+    inside_uid: int | None = None  # uid/gid inside the user namespace
+    inside_gid: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -137,9 +143,34 @@ def make_plan(
         raise PolicyError(f"unknown engine {engine!r}", source="engine", value=engine,
                           allowed=ENGINES)
     caller_uid = os.geteuid() if caller_uid is None else caller_uid
-    # Only one engine exists in this version; "auto" picks it. The namespace engine comes next.
-    return _plan_landlock(policy, probe, weaker, caller_uid,
-                          dict(os.environ) if caller_env is None else caller_env, uid, gid)
+    env = dict(os.environ) if caller_env is None else caller_env
+    missing = _native_missing(policy, probe)
+    if engine == "native" or (engine == "auto" and not missing):
+        return _plan_native(policy, probe, weaker, caller_uid, env, uid, gid, missing)
+    return _plan_landlock(policy, probe, weaker, caller_uid, env, uid, gid,
+                          native_why=missing[0] if missing and engine == "auto" else None)
+
+
+def _native_needs(policy: Policy) -> list[str]:
+    needs = ["userns", "mount_ns", "pidns", "utsns"]
+    if policy.network.mode in ("none", "loopback"):
+        needs.append("netns")
+    if policy.ipc == "isolated":
+        needs.append("ipcns")
+    return needs
+
+
+def _native_missing(policy: Policy, probe: HostProbe) -> list[Any]:
+    """The probe facts the namespace engine would need but this host lacks, worst first."""
+    out = []
+    for name in _native_needs(policy):
+        try:
+            fact = probe.fact(name)
+        except KeyError:
+            continue
+        if not fact.available:
+            out.append(fact)
+    return out
 
 
 def _status(restriction: str, requested: str, candidates: list[_Candidate],
@@ -160,7 +191,8 @@ def _status(restriction: str, requested: str, candidates: list[_Candidate],
 
 
 def _plan_landlock(policy: Policy, probe: HostProbe, weaker: frozenset[str], caller_uid: int,
-                   caller_env: dict[str, str], uid: int, gid: int) -> Plan:
+                   caller_env: dict[str, str], uid: int, gid: int,
+                   native_why: Any = None) -> Plan:
     abi = probe.landlock_abi
     ll = probe.fact("landlock")
     sc = probe.fact("seccomp")
@@ -212,10 +244,14 @@ def _plan_landlock(policy: Policy, probe: HostProbe, weaker: frozenset[str], cal
     if policy.processes == "isolated":
         cands = ([_meaning("processes", "isolated", "landlock + seccomp")]
                  if abi >= 6 and has_sc else [])
-        add("processes", "isolated", cands,
-            "processes cannot be isolated without a pid namespace, and the landlock engine "
-            "creates none" + ("" if cands else " (and Landlock ABI 6 signal scoping is missing)"),
-            "this version has no namespace engine yet")
+        why = ("processes cannot be isolated without a pid namespace, and the landlock engine "
+               "creates none" + ("" if cands else " (and Landlock ABI 6 signal scoping is "
+                                 "missing)"))
+        remedy = "use the native engine (--engine auto picks it where namespaces work)"
+        if native_why is not None:
+            why += f"; the native engine cannot run here: {native_why.name}: {native_why.reason}"
+            remedy = native_why.remedy or remedy
+        add("processes", "isolated", cands, why, remedy)
     else:
         add("processes", "visible", [_meaning("processes", "visible", "none")], "", "")
 
@@ -230,63 +266,26 @@ def _plan_landlock(policy: Policy, probe: HostProbe, weaker: frozenset[str], cal
         add("ipc", "host", [_meaning("ipc", "host", "none")], "", "")
     unix_blocked = policy.ipc == "isolated" and abi >= 6 and has_sc
 
-    # display and dbus
-    for name, value in (("display", policy.display), ("dbus", policy.dbus.mode)):
-        if value == "none":
-            mech = "landlock + seccomp" if unix_blocked else "environment only"
-            add(name, "none", [_meaning(name, "none", mech)],
-                "with ipc = host, Unix sockets stay reachable by path",
-                "set ipc = isolated")
-        else:
-            add(name, value, [], f"{name} = {value} is not implemented in this version",
-                f"use {name} = none")
-
-    # devices
-    if policy.devices:
-        add("devices", ", ".join(policy.devices), [],
-            "device access is not implemented in this version", "remove devices.allow")
-    elif abi >= 1:
-        add("devices", "none", [_meaning("devices", "none", "landlock")], "", "")
+    # display, dbus, devices
+    mech = "landlock + seccomp" if unix_blocked else "environment only"
+    if abi >= 1:
+        _unimplemented(policy, lines, weaker, {
+            "display": _meaning("display", "none", mech),
+            "dbus": _meaning("dbus", "none", mech),
+            "devices": _meaning("devices", "none", "landlock")})
     else:
-        add("devices", "none", [], *no_ll)
+        for name in ("display", "dbus", "devices"):
+            add(name, "none", [], *no_ll)
 
-    # syscalls
-    value = "nested-sandbox" if policy.syscalls.allow_nested_sandbox else "default"
-    if has_sc:
-        add("syscalls", value, [_meaning("syscalls", value, "seccomp")], "", "")
-    else:
-        add("syscalls", value, [], *no_sc)
+    _syscalls(policy, lines, weaker, probe)
 
     # privileges
     add("privileges", "none",
         [_meaning("privileges", "none", "no_new_privs + capabilities + setsid")], "", "")
 
-    # resources
-    res = policy.resources
-    rlimits: list[tuple[str, int]] = []
-    texts: list[str] = []
-    all_full = True
-    rl_names = {"cpu_time": "RLIMIT_CPU", "file_size": "RLIMIT_FSIZE",
-                "open_files": "RLIMIT_NOFILE", "memory": "RLIMIT_AS", "pids": "RLIMIT_NPROC"}
-    for key, limit in res.items():
-        mech = "none" if key == "tmp_size" else "rlimit"
-        m = semantics.lookup("resources", key, mech)
-        all_full &= m.full
-        texts.append(f"{key}={limit}: " + m.text.replace(" N ", f" {limit} "))
-        if key in rl_names:
-            rlimits.append((rl_names[key], limit))
-    if texts:
-        cand = _Candidate("rlimit", " ".join(texts), all_full)
-        add("resources", ", ".join(f"{k}={v}" for k, v in res.items()), [cand],
-            "without a delegated cgroup only per-process rlimits exist",
-            "limit memory and pids with cgroups (a later version), or drop these limits")
-    else:
-        add("resources", "unlimited", [_meaning("resources", "unlimited", "none")], "", "")
-
-    # environment
+    rlimits = _resources(policy, lines, weaker, tmp_mechanism="none")
     env = policy.environment
-    value = "cleared" if env.clear else "inherited"
-    add("environment", value, [_meaning("environment", value, "exec environment")], "", "")
+    _environment(policy, lines, weaker)
 
     # lifetime
     life = _meaning("lifetime", "die-with-caller", "zygote + PDEATHSIG")
@@ -314,6 +313,196 @@ def _plan_landlock(policy: Policy, probe: HostProbe, weaker: frozenset[str], cal
         uid=uid if caller_uid == 0 else None,
         gid=gid if caller_uid == 0 else None,
         timeout=policy.lifetime.timeout,
+    )
+
+
+_RLIMITS = {"cpu_time": "RLIMIT_CPU", "file_size": "RLIMIT_FSIZE",
+            "open_files": "RLIMIT_NOFILE", "memory": "RLIMIT_AS", "pids": "RLIMIT_NPROC"}
+
+
+def _resources(policy: Policy, lines: list[ReportLine], weaker: frozenset[str],
+               tmp_mechanism: str) -> list[tuple[str, int]]:
+    """The resources report line; returns the rlimits to apply."""
+    res = policy.resources
+    rlimits: list[tuple[str, int]] = []
+    texts: list[str] = []
+    all_full = True
+    for key, limit in res.items():
+        mech = tmp_mechanism if key == "tmp_size" else "rlimit"
+        m = semantics.lookup("resources", key, mech)
+        all_full &= m.full
+        texts.append(f"{key}={limit}: " + m.text.replace(" N ", f" {limit} "))
+        if key in _RLIMITS:
+            rlimits.append((_RLIMITS[key], limit))
+    if texts:
+        cand = _Candidate("rlimit", " ".join(texts), all_full)
+        lines.append(_status("resources", ", ".join(f"{k}={v}" for k, v in res.items()), [cand],
+                             weaker, "without a delegated cgroup only per-process rlimits exist",
+                             "limit memory and pids with cgroups (a later version), or drop "
+                             "these limits"))
+    else:
+        lines.append(_status("resources", "unlimited",
+                             [_meaning("resources", "unlimited", "none")], weaker, "", ""))
+    return rlimits
+
+
+def _environment(policy: Policy, lines: list[ReportLine], weaker: frozenset[str]) -> None:
+    value = "cleared" if policy.environment.clear else "inherited"
+    lines.append(_status("environment", value,
+                         [_meaning("environment", value, "exec environment")], weaker, "", ""))
+
+
+def _syscalls(policy: Policy, lines: list[ReportLine], weaker: frozenset[str],
+              probe: HostProbe) -> None:
+    sc = probe.fact("seccomp")
+    value = "nested-sandbox" if policy.syscalls.allow_nested_sandbox else "default"
+    cands = [_meaning("syscalls", value, "seccomp")] if sc.available else []
+    lines.append(_status("syscalls", value, cands, weaker,
+                         sc.reason or "seccomp is unavailable",
+                         sc.remedy or "install libseccomp2"))
+
+
+def _unimplemented(policy: Policy, lines: list[ReportLine], weaker: frozenset[str],
+                   none_meaning: dict[str, _Candidate]) -> None:
+    """display, dbus and devices: `none` has a per-engine meaning; grants are not built yet."""
+    for name, value in (("display", policy.display), ("dbus", policy.dbus.mode),
+                        ("devices", ", ".join(policy.devices) or "none")):
+        if value == "none":
+            lines.append(_status(name, "none", [none_meaning[name]], weaker,
+                                 "with ipc = host, Unix sockets stay reachable",
+                                 "set ipc = isolated"))
+        else:
+            lines.append(_status(name, value, [], weaker,
+                                 f"{name} = {value} is not implemented in this version",
+                                 f"use {name} = none"))
+
+
+def _plan_native(policy: Policy, probe: HostProbe, weaker: frozenset[str], caller_uid: int,
+                 caller_env: dict[str, str], uid: int, gid: int, missing: list[Any]) -> Plan:
+    from .confine import mounts, namespaces
+
+    abi = probe.landlock_abi
+    has_sc = probe.fact("seccomp").available
+    lines: list[ReportLine] = []
+    ns_reason = ns_remedy = ""
+    if missing:
+        ns_reason = f"{missing[0].name}: {missing[0].reason}"
+        ns_remedy = missing[0].remedy or "use --engine landlock"
+
+    def add(restriction: str, requested: str, cands: list[_Candidate], reason: str = "",
+            remedy: str = "") -> None:
+        if missing and cands and cands[0].mechanism.startswith(("mount", "network n", "pid",
+                                                                "ipc", "user")):
+            cands, reason, remedy = [], ns_reason, ns_remedy
+        lines.append(_status(restriction, requested, cands, weaker, reason, remedy))
+
+    fs = policy.filesystem
+    add("filesystem", f"allow-list of {len(fs.paths)} paths"
+        + (", private /tmp" if fs.private_tmp else ""),
+        [_meaning("filesystem", "allow-list", "mount namespace")])
+
+    net = policy.network
+    own_netns = net.mode in ("none", "loopback")
+    req = net.mode + (f" ports {list(net.ports)}" if net.ports else "")
+    if own_netns:
+        add("network", req, [_meaning("network", net.mode, "network namespace")])
+    elif net.mode == "tcp-connect":
+        if has_sc and abi >= 4:
+            add("network", req, [_meaning("network", "tcp-connect", "seccomp + landlock")])
+        else:
+            add("network", req, [], "TCP port rules need Landlock ABI 4 (Linux 6.7) and "
+                "seccomp", "use Linux 6.7 or newer with libseccomp2 installed")
+    else:
+        add("network", req, [_meaning("network", "host", "none")])
+
+    add("processes", policy.processes, [_meaning("processes", policy.processes,
+                                                 "pid namespace")])
+
+    abstract_scoped = False
+    if policy.ipc == "isolated":
+        if own_netns:
+            add("ipc", "isolated", [_meaning("ipc", "isolated", "ipc + network namespaces")])
+        elif abi >= 6:
+            abstract_scoped = True
+            add("ipc", "isolated", [_meaning("ipc", "isolated", "ipc namespace + landlock")])
+        else:
+            add("ipc", "isolated", [], "with a shared network, abstract Unix sockets can only "
+                "be isolated by Landlock ABI 6 (Linux 6.12)", "use Linux 6.12 or newer")
+    else:
+        add("ipc", "host", [_meaning("ipc", "host", "none")])
+
+    sealed = own_netns or abstract_scoped
+    mech = "mount namespace" if sealed else "mount namespace, shared network"
+    none_meaning = {"display": _meaning("display", "none", mech),
+                    "dbus": _meaning("dbus", "none", mech),
+                    "devices": _meaning("devices", "none", "mount namespace")}
+    for name in ("display", "dbus", "devices"):
+        value = {"display": policy.display, "dbus": policy.dbus.mode,
+                 "devices": ", ".join(policy.devices) or "none"}[name]
+        if value == "none":
+            add(name, "none", [none_meaning[name]],
+                "with a shared network and ipc = host, abstract sockets stay reachable",
+                "set ipc = isolated or network = none")
+        else:
+            add(name, value, [], f"{name} = {value} is not implemented in this version",
+                f"use {name} = none")
+
+    _syscalls(policy, lines, weaker, probe)
+    add("privileges", "none", [_meaning("privileges", "none",
+                                        "user namespace + capabilities + no_new_privs + setsid")])
+    rlimits = _resources(policy, lines, weaker, tmp_mechanism="tmpfs")
+    _environment(policy, lines, weaker)
+    life = _meaning("lifetime", "die-with-caller", "pid namespace")
+    if policy.lifetime.timeout:
+        life.meaning += f" Timeout: killed after {policy.lifetime.timeout:g} s of wall-clock time."
+    add("lifetime", "die with caller" + (f", timeout {policy.lifetime.timeout:g} s"
+                                         if policy.lifetime.timeout else ""), [life])
+
+    report = Report("native", tuple(lines))
+    if report.refused:
+        raise CannotEnforce(report)
+
+    try:
+        ops = mounts.plan_mounts(fs, tmp_size=policy.resources.tmp_size)
+    except mounts.MountError as exc:
+        raise PolicyError(exc.detail if hasattr(exc, "detail") else str(exc),
+                          source=policy.name, key="filesystem") from None
+    flags = (namespaces.CLONE_NEWUSER | namespaces.CLONE_NEWNS | namespaces.CLONE_NEWPID
+             | namespaces.CLONE_NEWUTS | namespaces.CLONE_NEWCGROUP)
+    if own_netns:
+        flags |= namespaces.CLONE_NEWNET
+    if policy.ipc == "isolated":
+        flags |= namespaces.CLONE_NEWIPC
+
+    ruleset = None
+    if not own_netns and (net.mode == "tcp-connect" or abstract_scoped):
+        _, net_rights, scopes = landlock.rights_for_abi(abi)
+        handled_net = net_rights if net.mode == "tcp-connect" else landlock.AccessNet(0)
+        ruleset = landlock.RulesetSpec(
+            landlock.AccessFs(0), handled_net,
+            landlock.Scope.ABSTRACT_UNIX_SOCKET & scopes if abstract_scoped else landlock.Scope(0),
+            (), tuple(landlock.NetRule(p, landlock.AccessNet.CONNECT_TCP & net_rights)
+                      for p in net.ports))
+    seccomp = _syscall_policy(policy, native=True)
+    host_uid, host_gid = (uid, gid) if caller_uid == 0 else (caller_uid, os.getegid())
+    return Plan(
+        engine="native",
+        policy=policy,
+        report=report,
+        landlock=ruleset,
+        seccomp=seccomp,
+        rlimits=tuple(rlimits),
+        env=policy.environment.build(caller_env),
+        private_tmpdir=False,
+        uid=host_uid,
+        gid=host_gid,
+        timeout=policy.lifetime.timeout,
+        namespaces=flags,
+        mounts=tuple(ops),
+        hostname=policy.environment.hostname,
+        loopback=own_netns,
+        inside_uid=host_uid,
+        inside_gid=host_gid,
     )
 
 
@@ -358,10 +547,22 @@ def _landlock_ruleset(policy: Policy, abi: int, fs_rights: landlock.AccessFs,
     return landlock.RulesetSpec(fs_rights, handled_net, scoped, tuple(rules), tuple(net_rules))
 
 
-def _syscall_policy(policy: Policy) -> SyscallPolicy:
+def _syscall_policy(policy: Policy, native: bool = False) -> SyscallPolicy:
+    """The seccomp layer.
+
+    In the native engine the pid namespace leaves ptrace only the sandbox's own processes, the
+    ipc namespace holds System V IPC, and Unix sockets exist only where bound in; only the
+    tcp-connect mode still needs socket filtering.
+    """
     ipc_isolated = policy.ipc == "isolated"
     mode = policy.network.mode
     families: frozenset[int] | None
+    if native:
+        tcp = mode == "tcp-connect"
+        return SyscallPolicy(
+            allow_nested_sandbox=policy.syscalls.allow_nested_sandbox, deny_ptrace=False,
+            socket_families=frozenset({socket.AF_UNIX, socket.AF_INET, socket.AF_INET6})
+            if tcp else None, inet_stream_only=tcp)
     if mode == "none":
         families = frozenset() if ipc_isolated else frozenset({socket.AF_UNIX})
     elif mode == "tcp-connect":

@@ -240,7 +240,7 @@ class Popen:
         """Kill the whole sandbox."""
         if self.returncode is None and self._status is not None:
             try:
-                self._status.send(b'{"signal": %d}' % signal.SIGKILL)
+                self._status.send(b'{"kill": true}')
             except OSError:
                 pass
 
@@ -362,7 +362,7 @@ def _which(program: str, env: Mapping[str, str]) -> str:
 
 def _spec(plan: Plan, argv: list[str], executable: str, cwd: str | os.PathLike[str] | None,
           fd_map: list[tuple[int, int]]) -> dict[str, Any]:
-    from .confine import landlock
+    from .confine import landlock, mounts
 
     tmp_access = 0
     if plan.landlock is not None:
@@ -382,4 +382,11 @@ def _spec(plan: Plan, argv: list[str], executable: str, cwd: str | os.PathLike[s
         "private_tmpdir": plan.private_tmpdir,
         "tmp_access": tmp_access,
         "timeout": plan.timeout,
+        "engine": plan.engine,
+        "namespaces": plan.namespaces,
+        "mounts": mounts.ops_to_json(plan.mounts),
+        "hostname": plan.hostname,
+        "loopback": plan.loopback,
+        "inside_uid": plan.inside_uid,
+        "inside_gid": plan.inside_gid,
     }

@@ -72,6 +72,9 @@ TABLE: tuple[Meaning, ...] = (
        "(Landlock signal scope: EPERM), ptraced or read with process_vm_readv (EPERM); killing "
        "the sandbox kills its process group, so a descendant that starts its own session "
        "survives until the caller exits."),
+    _M("processes", "visible", "pid namespace", True,
+       "Stricter than asked: the namespace engine always gives the sandbox its own process "
+       "tree, so host processes are neither visible nor reachable."),
     _M("processes", "visible", "none", True,
        "Not restricted: host processes are visible and can be signalled as the uid allows."),
     # --- ipc ------------------------------------------------------------------------------------
@@ -82,6 +85,10 @@ TABLE: tuple[Meaning, ...] = (
        "Abstract Unix sockets outside the sandbox are unreachable (Landlock scope: EPERM); "
        "System V IPC and POSIX message queue calls fail with EPERM; socket(AF_UNIX) fails with "
        "EAFNOSUPPORT, so no host Unix socket can be reached (socketpair() still works)."),
+    _M("ipc", "isolated", "ipc namespace + landlock", True,
+       "System V IPC and POSIX message queues are private; abstract Unix sockets outside the "
+       "sandbox are unreachable (Landlock scope: EPERM) although the network is shared; host "
+       "Unix sockets exist only where their paths are bound in."),
     _M("ipc", "host", "none", True, "Not restricted: host IPC and Unix sockets are reachable."),
     # --- display / dbus / devices -----------------------------------------------------------
     _M("display", "none", "mount namespace", True,
@@ -89,6 +96,9 @@ TABLE: tuple[Meaning, ...] = (
     _M("display", "none", "landlock + seccomp", True,
        "DISPLAY/WAYLAND_DISPLAY are not set and no Unix or abstract socket can be created or "
        "reached, so no display server can be contacted."),
+    _M("display", "none", "mount namespace, shared network", False,
+       "No display socket path exists in the sandbox and DISPLAY/WAYLAND_DISPLAY are not set, "
+       "but the host's abstract X11 socket is reachable through the shared network namespace."),
     _M("display", "none", "environment only", False,
        "DISPLAY/WAYLAND_DISPLAY are not set, but a program that knows a display socket's path "
        "can still connect to it (Landlock before ABI 9 does not cover Unix socket connect)."),
@@ -97,6 +107,9 @@ TABLE: tuple[Meaning, ...] = (
     _M("dbus", "none", "landlock + seccomp", True,
        "DBUS_SESSION_BUS_ADDRESS is not set and no Unix socket can be created, so no bus can be "
        "contacted."),
+    _M("dbus", "none", "mount namespace, shared network", False,
+       "No bus socket path exists in the sandbox and DBUS_SESSION_BUS_ADDRESS is not set, but a "
+       "bus listening on an abstract socket is reachable through the shared network namespace."),
     _M("dbus", "none", "environment only", False,
        "DBUS_SESSION_BUS_ADDRESS is not set, but a program that knows a bus socket's path can "
        "still connect to it (Landlock before ABI 9 does not cover Unix socket connect)."),
@@ -109,7 +122,7 @@ TABLE: tuple[Meaning, ...] = (
     # --- syscalls -------------------------------------------------------------------------------
     _M("syscalls", "default", "seccomp", True,
        "Kernel attack surface is denied with EPERM: keyrings, mount/unshare/setns/pivot_root/"
-       "chroot and clone(CLONE_NEWUSER), ptrace and process_vm_*, perf_event_open, bpf, "
+       "chroot and clone(CLONE_NEWUSER), perf_event_open, bpf, "
        "userfaultfd, kexec, modules, acct, quotactl, foreign personality(), TIOCSTI and "
        "TIOCLINUX ioctls; io_uring, clone3 and the new mount API answer ENOSYS; syscalls of a "
        "foreign architecture or the x32 ABI kill the process."),
@@ -124,6 +137,12 @@ TABLE: tuple[Meaning, ...] = (
        "empty; the bounding set too where the caller could drop it); no_new_privs makes setuid "
        "and file-capability binaries gain nothing; it runs in a new session without a "
        "controlling terminal; a root caller's payload runs as an unprivileged uid."),
+    _M("privileges", "none", "user namespace + capabilities + no_new_privs + setsid", True,
+       "The payload runs in its own user namespace as an unprivileged uid (a root caller's "
+       "payload is host uid 65534, never host root) with every capability dropped: effective, "
+       "permitted, inheritable, ambient and bounding sets are empty; every mount is nosuid and "
+       "no_new_privs is set, so setuid binaries gain nothing; it runs in a new session without "
+       "a controlling terminal."),
     # --- resources ------------------------------------------------------------------------------
     _M("resources", "cpu_time", "rlimit", True,
        "RLIMIT_CPU: each process is sent SIGXCPU, then SIGKILL, after N seconds of CPU time."),
@@ -137,6 +156,9 @@ TABLE: tuple[Meaning, ...] = (
     _M("resources", "pids", "rlimit", False,
        "RLIMIT_NPROC: fork fails with EAGAIN once the payload's uid has N processes on the "
        "whole host, counting processes outside the sandbox."),
+    _M("resources", "tmp_size", "tmpfs", True,
+       "The private /tmp and /dev/shm tmpfs each hold at most N bytes; writing beyond fails "
+       "with ENOSPC."),
     _M("resources", "tmp_size", "none", False,
        "Not limited: the private temporary directory lives on the host filesystem."),
     _M("resources", "unlimited", "none", True, "No limits were requested."),

@@ -36,6 +36,7 @@ _SYSCALLS: dict[str, dict[str, int]] = {
         "mount": 165,
         "umount2": 166,
         "capset": 126,
+        "sethostname": 170,
     },
     "aarch64": {
         "landlock_create_ruleset": 444,
@@ -55,6 +56,7 @@ _SYSCALLS: dict[str, dict[str, int]] = {
         "mount": 40,
         "umount2": 39,
         "capset": 91,
+        "sethostname": 161,
     },
 }
 

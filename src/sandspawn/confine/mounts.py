@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Bind", "Dev", "Dir", "MountError", "MountOp", "PivotRoot", "Proc", "ReadOnly", "Symlink",
-    "Tmp", "TmpfsRoot", "apply", "plan_mounts",
+    "Tmp", "TmpfsRoot", "apply", "ops_from_json", "ops_to_json", "plan_mounts",
 ]
 
 # mount(2) flags: include/uapi/linux/mount.h (Linux 6.18).
@@ -704,3 +704,23 @@ def apply(ops: Iterable[MountOp]) -> None:
     finally:
         os.umask(umask)
         builder.close()
+
+
+# --- transport (the plan is made in the caller and applied in a zygote child) ------------------
+
+_OP_TYPES: dict[str, type] = {t.__name__: t for t in (TmpfsRoot, Bind, Symlink, Dir, Proc, Dev,
+                                                       Tmp, ReadOnly, PivotRoot)}
+
+
+def ops_to_json(ops: Iterable[MountOp]) -> list[list[object]]:
+    return [[type(op).__name__, dict(op.__dict__)] for op in ops]
+
+
+def ops_from_json(data: Iterable[list[object]]) -> list[MountOp]:
+    ops: list[MountOp] = []
+    for name, fields in data:
+        cls = _OP_TYPES.get(str(name))
+        if cls is None or not isinstance(fields, dict):
+            raise ValueError(f"not a mount operation: {name!r}")
+        ops.append(cls(**fields))
+    return ops

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import socket
 import subprocess
@@ -32,6 +33,7 @@ class ZygoteClient:
         self._proc: subprocess.Popen[bytes] | None = None
         self._owner_pid = 0
         self._base: str | None = None
+        self._pidfd = -1
 
     def _start(self) -> socket.socket:
         # The zygote keeps its sandboxes' private temporary directories under this one, so
@@ -51,13 +53,23 @@ class ZygoteClient:
             theirs.close()
         self._sock = ours
         self._owner_pid = os.getpid()
+        self._pidfd = os.pidfd_open(self._proc.pid)
         threading.Thread(target=self._proc.wait, daemon=True).start()  # reap it when it exits
         return ours
 
     def _control(self) -> socket.socket:
+        if self._sock is not None and self._owner_pid == os.getpid() and self._exited():
+            # Dead, though a child it was forking may hold its end of the socket for a moment:
+            # a request sent now would be lost.
+            self._forget()
         if self._sock is None or self._owner_pid != os.getpid():
             return self._start()
         return self._sock
+
+    def _exited(self) -> bool:
+        poller = select.poll()
+        poller.register(self._pidfd, select.POLLIN)  # a pidfd is readable once it exited
+        return bool(poller.poll(0))
 
     def _forget(self) -> None:
         """The zygote died: its sandboxes died with it; remove what it left behind."""
@@ -67,6 +79,9 @@ class ZygoteClient:
         if self._base is not None:
             shutil.rmtree(self._base, ignore_errors=True)
             self._base = None
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
+            self._pidfd = -1
 
     def request(self, msg: dict[str, Any], fds: list[int]) -> socket.socket:
         """Send `msg` with a fresh reply socket first in the fds; return our end of it."""
