@@ -34,6 +34,9 @@ def cases() -> dict[str, Callable[[], int]]:
     out: dict[str, Callable[[], int]] = {
         "plain subprocess.run": lambda: subprocess.run(
             [TRUE], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL).returncode,
+        "sandspawn strict (native: all namespaces + seccomp)": lambda: sandspawn.run(
+            [TRUE], "strict", engine="native", cwd="/",
+            stdin=sandspawn.DEVNULL, stdout=sandspawn.DEVNULL).returncode,
         "sandspawn landlock engine (strict, processes weakened)": lambda: sandspawn.run(
             [TRUE], "strict", allow_weaker={"processes"}, engine="landlock", cwd="/",
             stdin=sandspawn.DEVNULL, stdout=sandspawn.DEVNULL).returncode,
@@ -80,6 +83,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=300)
     ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--gap", type=float, default=0.0,
+                    help="idle seconds before each timed spawn (lets background work settle: "
+                         "sandspawn prepares the next sandbox after each spawn)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--callers", type=int, default=0,
                     help="also measure spawns/second with this many concurrent callers")
@@ -96,6 +102,8 @@ def main() -> int:
         order = names[:]
         random.shuffle(order)
         for name in order:
+            if args.gap:
+                time.sleep(args.gap)
             t0 = time.perf_counter_ns()
             code = todo[name]()
             dt = (time.perf_counter_ns() - t0) / 1000
@@ -119,7 +127,8 @@ def main() -> int:
         print(json.dumps({"user": who, "rounds": args.rounds, "rows": rows,
                           "spawns_per_second": rates, "callers": args.callers}, indent=2))
         return 0
-    print(f"{args.rounds} interleaved rounds, {who}, kernel {os.uname().release}")
+    print(f"{args.rounds} interleaved rounds, {who}, kernel {os.uname().release}, "
+          f"gap {args.gap * 1000:g} ms")
     print("| case | p50 µs | p90 µs | p99 µs | × plain p50 (paired) |")
     print("|---|---|---|---|---|")
     for r in rows:
