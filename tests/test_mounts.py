@@ -712,7 +712,7 @@ def test_nested_user_namespace_cannot_mount_another_proc(as_nobody: bool) -> Non
     def mount_proc() -> int:
         from sandspawn.confine.mounts import MS_NODEV, MS_NOEXEC, MS_NOSUID, _mount_call
 
-        target = tempfile.mkdtemp()
+        target = tempfile.mkdtemp(dir="/tmp")  # inside the sandbox: its own /tmp
         return errno_of(lambda: _mount_call("proc", target, "proc",
                                             MS_NOSUID | MS_NODEV | MS_NOEXEC))
 

@@ -562,9 +562,15 @@ def test_pid_numbering_and_fresh_proc(as_nobody: bool) -> None:
     assert init in members and len(members) == 2
     (payload_pid,) = set(members) - {init}
     assert status_field("NSpid", payload_pid).split()[1:] == ["2"]
-    # The caller and the init keep only their status pipe; the payload has the rest.
-    assert len(os.listdir(f"/proc/{box.pid}/fd")) == 1
-    assert len(os.listdir(f"/proc/{init}/fd")) == 1
+    # The caller and the init keep only their status pipe; the payload has the rest (the
+    # init closes them right after reporting the payload's start: allow it a moment).
+    def fd_counts() -> tuple[int, int]:
+        return len(os.listdir(f"/proc/{box.pid}/fd")), len(os.listdir(f"/proc/{init}/fd"))
+
+    deadline = time.monotonic() + 5
+    while fd_counts() != (1, 1) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert fd_counts() == (1, 1)
     box.send()
     assert describe(box.wait()) == ("exit", 0)
     assert pidns_members(rec["link"]) == []
