@@ -54,7 +54,8 @@ CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 
 USERS = pytest.mark.parametrize("as_nobody", both_users(), ids=lambda v: "nobody" if v else "self")
-ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (uid 0 on the host)")
+ROOT_ONLY = pytest.mark.skipif(
+    os.geteuid() != 0, reason="needs host root (uid 0): covered by the root pass of scripts/test")
 
 # The program interpreter (PT_INTERP) of this architecture's binaries (glibc's ABI lists).
 LOADER = {"x86_64": "/lib64/ld-linux-x86-64.so.2",

@@ -169,6 +169,9 @@ def test_kill_kills_the_whole_namespace() -> None:
     proc = sandspawn.Popen(["sh", "-c", f"sleep {tag} & sleep {tag} & echo ok; wait"],
                            stdout=sandspawn.PIPE)
     assert proc.stdout is not None and proc.stdout.readline() == b"ok\n"
+    deadline = time.monotonic() + 5  # the second sleep may still be between fork and exec
+    while len(_sleepers(tag)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert len(_sleepers(tag)) == 2
     proc.kill()
     assert proc.wait(10) == -9
