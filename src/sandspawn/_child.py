@@ -8,6 +8,7 @@ socket (close-on-exec), which is how the zygote knows the payload started.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 from typing import Any, NoReturn
@@ -141,6 +142,7 @@ def warm_main(sock_fd: int, spec: dict[str, Any], bpf: bytes | None, parent: int
     import json
     import socket
 
+    gc.disable()  # a short-lived child: collecting would only copy the zygote's pages
     try:
         # Nothing inherited from the zygote stays open: other sandboxes' status sockets,
         # the control socket, other pre-forked children's sockets.
@@ -177,6 +179,7 @@ def native_warm_main(sock_fd: int, spec: dict[str, Any], bpf: bytes | None, pare
     """
     from .confine import namespaces
 
+    gc.disable()  # a short-lived child: collecting would only copy the zygote's pages
     try:
         os.closerange(3, sock_fd)
         os.closerange(sock_fd + 1, 1 << 20)

@@ -16,6 +16,7 @@ exits.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import selectors
@@ -413,6 +414,12 @@ def _children() -> list[int]:
 def main(argv: list[str]) -> None:
     fd, base = int(argv[1]), argv[3]
     _libc.prctl(_libc.PR_SET_CHILD_SUBREAPER, 1)
+    # Everything a sandbox child needs, imported once here rather than after each fork.
+    from .confine import landlock, loopback, mounts, namespaces, seccomp  # noqa: F401
+
+    # The objects of the start-up never die: keep the collector off them, so it does not write
+    # to (and copy) their pages in every forked child.
+    gc.freeze()
     control = socket.socket(fileno=fd)
     try:
         Zygote(control, base).serve()
