@@ -154,9 +154,11 @@ def test_zygote_killed_next_spawn_recovers(opts: dict[str, Any]) -> None:
 
 CALLER = """
 import sys, sandspawn
+opts = {"engine": sys.argv[1]}
+if sys.argv[1] == "landlock":
+    opts["allow_weaker"] = {"processes"}
 proc = sandspawn.Popen(["sh", "-c", "sleep 60 & sleep 60 & echo started; wait"],
-                       allow_weaker={"processes"}, cwd="/", stdout=sandspawn.PIPE,
-                       engine="landlock")
+                       cwd="/", stdout=sandspawn.PIPE, **opts)
 assert proc.stdout.readline() == b"started\\n"
 print(proc.pid, sandspawn.engines.zygote.client().pid, flush=True)
 sys.stdin.read()  # until killed
@@ -171,15 +173,17 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_caller_sigkill_kills_every_sandbox() -> None:
+@pytest.mark.parametrize("engine", ["native", "landlock"])
+def test_caller_sigkill_kills_every_sandbox(engine: str) -> None:
     import sys
 
-    caller = subprocess.Popen([sys.executable, "-c", "import sandspawn.engines.zygote\n" + CALLER],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/")
+    caller = subprocess.Popen([sys.executable, "-c", "import sandspawn.engines.zygote\n" + CALLER,
+                               engine], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              cwd="/")
     assert caller.stdout is not None
     payload, zyg = (int(x) for x in caller.stdout.readline().split())
     group = [int(p) for p in os.listdir("/proc") if p.isdigit() and _pgid(int(p)) == payload]
-    assert payload in group and len(group) >= 3  # sh and its two sleepers
+    assert payload in group and len(group) >= 2  # sh and its sleepers (pgid = the payload)
     caller.kill()
     caller.wait()
     deadline = time.monotonic() + 1.0
@@ -210,3 +214,23 @@ def test_private_tmpdir_is_private_and_removed() -> None:
     other = sandspawn.run(["sh", "-c", 'echo "$TMPDIR"'], capture_output=True, text=True,
                           cwd="/", **opts)
     assert other.stdout.strip() != path
+
+
+def test_pass_fds_reach_the_payload_at_the_same_number(opts: dict[str, Any]) -> None:
+    import fcntl
+
+    r, w = os.pipe()
+    target = fcntl.fcntl(w, fcntl.F_DUPFD, 50)  # a free number well above the test's own fds
+    os.close(w)
+    try:
+        code = (f"import os; os.write({target}, b'through-fd\\n'); "
+                "print(*os.listdir('/proc/self/fd'))")
+        res = sandspawn.run(["python3", "-c", code], pass_fds=[target], capture_output=True,
+                            text=True, cwd="/", **opts)
+    finally:
+        os.close(target)
+    assert res.returncode == 0, res.stderr
+    assert os.read(r, 100) == b"through-fd\n"
+    os.close(r)
+    fds = sorted(int(x) for x in res.stdout.split())
+    assert target in fds and set(fds) <= {0, 1, 2, 3, target}  # 3: listdir's own fd
