@@ -485,11 +485,11 @@ def test_control_fresh_procfs_of_root_mapped_userns_has_writable_sysctls(shared_
     """Why Proc re-binds /proc/sys read-only: without it, host root in a user ns could write."""
 
     def body() -> Any:
-        from sandspawn.confine.mounts import MS_NODEV, MS_NOEXEC, MS_NOSUID, _mount_call
+        from sandspawn.confine.mounts import MS_NODEV, MS_NOEXEC, MS_NOSUID, mount
 
         target = os.path.join(shared_dir, "proc")  # in this private mount namespace only
         os.mkdir(target)
-        _mount_call("proc", target, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        mount("proc", target, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
         # Opened for writing and closed: the host's core_pattern is not changed.
         return errno_of(lambda: os.close(os.open(f"{target}/sys/kernel/core_pattern",
                                                  os.O_WRONLY | os.O_CLOEXEC)))
@@ -623,9 +623,9 @@ def test_submounts_of_a_bind_get_its_restrictions(as_nobody: bool, shared_dir: s
     os.mkdir(sub, 0o777)
 
     def before() -> None:  # a mount below the source, made in our mount namespace
-        from sandspawn.confine.mounts import MS_STRICTATIME, _mount_call
+        from sandspawn.confine.mounts import MS_STRICTATIME, mount
 
-        _mount_call("tmpfs", sub, "tmpfs", MS_STRICTATIME, "mode=0777")
+        mount("tmpfs", sub, "tmpfs", MS_STRICTATIME, "mode=0777")
         write_file(os.path.join(sub, "f"))
 
     def body() -> Any:
@@ -647,16 +647,16 @@ def test_locked_flags_of_host_mounts_are_kept(shared_dir: str) -> None:
     A strictatime, nodev submount and a noatime top mount: the remounts must repeat their
     atime flags, or mount(2) fails with EPERM in the user namespace.
     """
-    from sandspawn.confine.mounts import MS_NOATIME, MS_NODEV, MS_STRICTATIME, _mount_call
+    from sandspawn.confine.mounts import MS_NOATIME, MS_NODEV, MS_STRICTATIME, mount
 
     sub = os.path.join(shared_dir, "sub")
 
     def outer() -> Any:
         _unshare(CLONE_NEWNS)
-        _mount_call(None, "/", None, 1 << 14 | 1 << 18)  # MS_REC | MS_PRIVATE
-        _mount_call("tmpfs", shared_dir, "tmpfs", MS_NOATIME, "mode=0777")
+        mount(None, "/", None, 1 << 14 | 1 << 18)  # MS_REC | MS_PRIVATE
+        mount("tmpfs", shared_dir, "tmpfs", MS_NOATIME, "mode=0777")
         os.mkdir(sub, 0o777)
-        _mount_call("tmpfs", sub, "tmpfs", MS_STRICTATIME | MS_NODEV, "mode=0777")
+        mount("tmpfs", sub, "tmpfs", MS_STRICTATIME | MS_NODEV, "mode=0777")
         ops = plan_mounts(fs_of(PathRule(shared_dir, "rw")))
         _enter_namespaces()
         return _call(lambda: apply_then(ops, lambda: [
@@ -711,10 +711,10 @@ def test_nested_user_namespace_cannot_mount_another_proc(as_nobody: bool) -> Non
     """
 
     def mount_proc() -> int:
-        from sandspawn.confine.mounts import MS_NODEV, MS_NOEXEC, MS_NOSUID, _mount_call
+        from sandspawn.confine.mounts import MS_NODEV, MS_NOEXEC, MS_NOSUID, mount
 
         target = tempfile.mkdtemp(dir="/tmp")  # inside the sandbox: its own /tmp
-        return errno_of(lambda: _mount_call("proc", target, "proc",
+        return errno_of(lambda: mount("proc", target, "proc",
                                             MS_NOSUID | MS_NODEV | MS_NOEXEC))
 
     def nested() -> Any:

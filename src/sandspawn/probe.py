@@ -35,23 +35,17 @@ from typing import Any
 
 from .confine import _libc
 from .confine.landlock import query_abi
-
-# include/uapi/linux/sched.h: namespace flags of clone(2)/unshare(2)
-CLONE_NEWNS = 0x00020000  # Linux 2.4.19
-CLONE_NEWCGROUP = 0x02000000  # Linux 4.6
-CLONE_NEWUTS = 0x04000000  # Linux 2.6.19
-CLONE_NEWIPC = 0x08000000  # Linux 2.6.19
-CLONE_NEWUSER = 0x10000000  # Linux 3.8 (unprivileged)
-CLONE_NEWPID = 0x20000000  # Linux 2.6.24
-CLONE_NEWNET = 0x40000000  # Linux 2.6.29
-
-# include/uapi/linux/mount.h: mount(2) flags and umount2(2) flags
-MS_NOSUID = 1 << 1
-MS_NODEV = 1 << 2
-MS_NOEXEC = 1 << 3
-MS_REC = 1 << 14
-MS_PRIVATE = 1 << 18
-MNT_DETACH = 2
+from .confine.mounts import MNT_DETACH, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_PRIVATE, MS_REC
+from .confine.mounts import mount as _mount
+from .confine.namespaces import (
+    CLONE_NEWCGROUP,
+    CLONE_NEWIPC,
+    CLONE_NEWNET,
+    CLONE_NEWNS,
+    CLONE_NEWPID,
+    CLONE_NEWUSER,
+    CLONE_NEWUTS,
+)
 
 # include/uapi/linux/prctl.h
 PR_GET_SECCOMP = 21
@@ -89,12 +83,6 @@ _BWRAP_TIMEOUT = 5.0
 _PID1_NOT_ONE = 250
 _PID1_PROC_WRONG = 251
 _PID1_CRASHED = 252
-
-_libc_so = ctypes.CDLL(None, use_errno=True)
-_mount_fn = _libc_so.mount
-_mount_fn.restype = ctypes.c_int
-_mount_fn.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
-                      ctypes.c_char_p]
 
 
 @dataclass(frozen=True)
@@ -449,17 +437,6 @@ def _capabilities_fact(host: _Host) -> Fact:
 
 # ---------------------------------------------------------------------------------------------
 # The namespace child
-
-
-def _mount(source: str | None, target: str, fstype: str | None, flags: int,
-           data: str | None) -> None:
-    ctypes.set_errno(0)
-    res = _mount_fn(None if source is None else source.encode(), target.encode(),
-                    None if fstype is None else fstype.encode(), flags,
-                    None if data is None else data.encode())
-    if res != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"mount {target}: {os.strerror(err)}")
 
 
 def _unshare(flags: int) -> None:

@@ -323,7 +323,7 @@ def plan_mounts(fs: Filesystem, *, tmp_size: int | None = None) -> list[MountOp]
 # --- applying ----------------------------------------------------------------------------------
 
 
-def _mount_call(source: str | None, target: str, fstype: str | None, flags: int,
+def mount(source: str | None, target: str, fstype: str | None, flags: int,
                 data: str | None = None) -> None:
     res = _mount(None if source is None else source.encode(), target.encode(),
                  None if fstype is None else fstype.encode(), flags,
@@ -333,7 +333,7 @@ def _mount_call(source: str | None, target: str, fstype: str | None, flags: int,
         raise OSError(err, f"mount {target}: {os.strerror(err)}")
 
 
-def _umount_call(target: str, flags: int) -> None:
+def umount(target: str, flags: int) -> None:
     if _umount2(target.encode(), flags) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"umount2 {target}: {os.strerror(err)}")
@@ -464,14 +464,14 @@ class _Builder:
     # -- mounting -------------------------------------------------------------------------------
 
     def remount(self, fd: int, flags: int) -> None:
-        _mount_call(None, self.path(fd), None,
+        mount(None, self.path(fd), None,
                     MS_REMOUNT | MS_BIND | _locked_flags(fd) | flags)
 
     def bind_fds(self, src: int, dirfd: int, name: str, flags: int) -> int:
         """Bind src onto dirfd/name, remount it with `flags` added; return the new mount's fd."""
         dst = self.child(dirfd, name)
         try:
-            _mount_call(self.path(src), self.path(dst), None, MS_BIND | MS_REC)
+            mount(self.path(src), self.path(dst), None, MS_BIND | MS_REC)
         finally:
             os.close(dst)
         top = self.child(dirfd, name)  # the mount just made, not the directory below it
@@ -487,7 +487,7 @@ class _Builder:
         try:
             target = self.child(dirfd, name)
             try:
-                _mount_call("tmpfs", self.path(target), "tmpfs", flags, data)
+                mount("tmpfs", self.path(target), "tmpfs", flags, data)
             finally:
                 os.close(target)
             top = self.child(dirfd, name)
@@ -532,7 +532,7 @@ class _Builder:
 
     def tmpfs_root(self, op: TmpfsRoot) -> None:
         self.host_mounts = _host_mount_points()  # the host's tree, before any mount of ours
-        _mount_call("tmpfs", _STAGING, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+        mount("tmpfs", _STAGING, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
                     "mode=0700,size=16k")
         os.mkdir(_STAGING + "/oldroot", 0o700)
         os.mkdir(_STAGING + "/newroot", 0o755)
@@ -541,7 +541,7 @@ class _Builder:
         _libc.syscall("pivot_root", ctypes.c_char_p(b"."), ctypes.c_char_p(b"oldroot"))
         os.chdir("/")
         size = "" if op.size is None else f",size={op.size}"
-        _mount_call("tmpfs", "/newroot", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+        mount("tmpfs", "/newroot", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
                     "mode=0755" + size)
         self.old = os.open("/oldroot", _O_DIR)
         self.new = os.open("/newroot", _O_DIR)
@@ -610,7 +610,7 @@ class _Builder:
         try:
             target = self.child(dirfd, name)
             try:
-                _mount_call("proc", self.path(target), "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+                mount("proc", self.path(target), "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
             finally:
                 os.close(target)
             procfd = self.child(dirfd, name)
@@ -655,7 +655,7 @@ class _Builder:
             # Documentation/filesystems/devpts.rst: a private instance; its own ptmx node.
             pts = self.child(devfd, "pts")
             try:
-                _mount_call("devpts", self.path(pts), "devpts", MS_NOSUID | MS_NOEXEC,
+                mount("devpts", self.path(pts), "devpts", MS_NOSUID | MS_NOEXEC,
                             "newinstance,ptmxmode=0666,mode=0620")
             finally:
                 os.close(pts)
@@ -674,7 +674,7 @@ class _Builder:
         # It also moves the root and cwd of every other process of this mount namespace whose
         # root or cwd was the old root (e.g. a parent that shares it) to the new root.
         _libc.syscall("pivot_root", ctypes.c_char_p(b"."), ctypes.c_char_p(b"."))
-        _umount_call(".", MNT_DETACH)
+        umount(".", MNT_DETACH)
         os.chdir("/")
         self.pivoted = True
 
@@ -691,7 +691,7 @@ def apply(ops: Iterable[MountOp]) -> None:
         # man 7 mount_namespaces: make every mount private first, so nothing mounted here
         # propagates back to the host and no host mount event propagates in.
         try:
-            _mount_call(None, "/", None, MS_REC | MS_PRIVATE)
+            mount(None, "/", None, MS_REC | MS_PRIVATE)
         except OSError as exc:
             raise MountError("make / private", exc.errno or 0, str(exc)) from None
         for op in ops:
