@@ -278,9 +278,13 @@ class Zygote:
                 shutil.rmtree(warm.tmpdir, ignore_errors=True)
         else:
             if pidfd < 0:
-                pidfd = os.pidfd_open(payload)  # our own child: alive or a zombie until reaped
-            self._send(status, {"started": payload}, [pidfd])
-            os.close(pidfd)
+                try:
+                    pidfd = os.pidfd_open(payload)
+                except OSError:
+                    pidfd = -1  # already gone (reaped by its pid 1): its exit status follows
+            self._send(status, {"started": payload}, [pidfd] if pidfd >= 0 else [])
+            if pidfd >= 0:
+                os.close(pidfd)
             timeout = spec.get("timeout")
             deadline = time.monotonic() + float(timeout) if timeout else None
             self.sandboxes[warm.pid] = _Sandbox(warm.pid, status, warm.tmpdir, deadline,
