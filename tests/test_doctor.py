@@ -69,3 +69,34 @@ def test_doctor_in_userns_with_max_user_namespaces_zero(prefix: list[str]) -> No
     assert not userns["available"]
     assert userns["errno"] == 28  # ENOSPC
     assert "max_user_namespaces" in str(userns["reason"]) and userns["remedy"]
+
+
+UNDER_SECCOMP_RUN = """
+import os, sys
+from sandspawn.confine import _libc, seccomp
+_libc.set_no_new_privs()
+seccomp.load_bpf(seccomp.compile_bpf(seccomp.SyscallPolicy()))
+os.execv(sys.executable, [sys.executable, "-m", "sandspawn", "run", "--json", *sys.argv[1:]])
+"""
+
+
+@pytest.mark.parametrize("prefix", users(), ids=lambda p: "nobody" if p else "self")
+def test_auto_falls_back_to_landlock_and_says_why(prefix: list[str]) -> None:
+    """Where user namespaces are blocked (here: a Docker/Flatpak-like seccomp filter), `auto`
+    takes the landlock engine; strict is refused naming the real cause, and runs when the
+    caller accepts the weaker processes meaning."""
+    base = [*prefix, sys.executable, "-c", UNDER_SECCOMP_RUN]
+    refused = subprocess.run([*base, "--profile", "strict", "--", "true"], capture_output=True,
+                             text=True, timeout=60, cwd="/")
+    assert refused.returncode == 125
+    assert "engine landlock" in refused.stderr
+    assert "userns" in refused.stderr and "seccomp" in refused.stderr
+    weak = subprocess.run([*base, "--profile", "strict", "--allow-weaker", "processes", "--",
+                           "sh", "-c", "exit 3"], capture_output=True, text=True, timeout=60,
+                          cwd="/")
+    assert weak.returncode == 3, weak.stderr
+    report = json.loads(weak.stderr)
+    assert report["engine"] == "landlock"
+    lines = {r["restriction"]: r["status"] for r in report["restrictions"]}
+    assert lines["processes"] == "weakened"
+    assert all(s == "enforced" for name, s in lines.items() if name != "processes")
