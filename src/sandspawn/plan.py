@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from . import semantics
@@ -107,7 +107,6 @@ class Plan:
     loopback: bool = False
     inside_uid: int | None = None  # uid/gid inside the user namespace
     inside_gid: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -269,10 +268,10 @@ def _plan_landlock(policy: Policy, probe: HostProbe, weaker: frozenset[str], cal
     # display, dbus, devices
     mech = "landlock + seccomp" if unix_blocked else "environment only"
     if abi >= 1:
-        _unimplemented(policy, lines, weaker, {
-            "display": _meaning("display", "none", mech),
-            "dbus": _meaning("dbus", "none", mech),
-            "devices": _meaning("devices", "none", "landlock")})
+        _grants(policy, add, {"display": _meaning("display", "none", mech),
+                              "dbus": _meaning("dbus", "none", mech),
+                              "devices": _meaning("devices", "none", "landlock")},
+                "with ipc = host, Unix sockets stay reachable by path", "set ipc = isolated")
     else:
         for name in ("display", "dbus", "devices"):
             add(name, "none", [], *no_ll)
@@ -362,19 +361,17 @@ def _syscalls(policy: Policy, lines: list[ReportLine], weaker: frozenset[str],
                          sc.remedy or "install libseccomp2"))
 
 
-def _unimplemented(policy: Policy, lines: list[ReportLine], weaker: frozenset[str],
-                   none_meaning: dict[str, _Candidate]) -> None:
-    """display, dbus and devices: `none` has a per-engine meaning; grants are not built yet."""
+def _grants(policy: Policy, add: Callable[..., None], none_meaning: dict[str, _Candidate],
+            reason: str, remedy: str) -> None:
+    """display, dbus and devices: `none` has a per-engine meaning (`reason`/`remedy` say why
+    it is weaker when it is); granting access is not built yet."""
     for name, value in (("display", policy.display), ("dbus", policy.dbus.mode),
                         ("devices", ", ".join(policy.devices) or "none")):
         if value == "none":
-            lines.append(_status(name, "none", [none_meaning[name]], weaker,
-                                 "with ipc = host, Unix sockets stay reachable",
-                                 "set ipc = isolated"))
+            add(name, "none", [none_meaning[name]], reason, remedy)
         else:
-            lines.append(_status(name, value, [], weaker,
-                                 f"{name} = {value} is not implemented in this version",
-                                 f"use {name} = none"))
+            add(name, value, [], f"{name} = {value} is not implemented in this version",
+                f"use {name} = none")
 
 
 def _plan_native(policy: Policy, probe: HostProbe, weaker: frozenset[str], caller_uid: int,
@@ -433,19 +430,11 @@ def _plan_native(policy: Policy, probe: HostProbe, weaker: frozenset[str], calle
 
     sealed = own_netns or abstract_scoped
     mech = "mount namespace" if sealed else "mount namespace, shared network"
-    none_meaning = {"display": _meaning("display", "none", mech),
-                    "dbus": _meaning("dbus", "none", mech),
-                    "devices": _meaning("devices", "none", "mount namespace")}
-    for name in ("display", "dbus", "devices"):
-        value = {"display": policy.display, "dbus": policy.dbus.mode,
-                 "devices": ", ".join(policy.devices) or "none"}[name]
-        if value == "none":
-            add(name, "none", [none_meaning[name]],
-                "with a shared network and ipc = host, abstract sockets stay reachable",
-                "set ipc = isolated or network = none")
-        else:
-            add(name, value, [], f"{name} = {value} is not implemented in this version",
-                f"use {name} = none")
+    _grants(policy, add, {"display": _meaning("display", "none", mech),
+                          "dbus": _meaning("dbus", "none", mech),
+                          "devices": _meaning("devices", "none", "mount namespace")},
+            "with a shared network and ipc = host, abstract sockets stay reachable",
+            "set ipc = isolated or network = none")
 
     _syscalls(policy, lines, weaker, probe)
     add("privileges", "none", [_meaning("privileges", "none",
