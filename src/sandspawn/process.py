@@ -137,8 +137,15 @@ class Popen:
         self._status = status
         try:
             msg, fds = zygote.read_message(status)
-        except BaseException:
+        except BaseException:  # interrupted while starting: nothing may run unobserved
+            try:
+                status.send(b'{"kill": true}')
+            except OSError:
+                pass
             status.close()
+            self._status = None
+            for _, fd in parent_ends:
+                os.close(fd)
             raise
         if msg is None or "started" not in msg:
             status.close()
