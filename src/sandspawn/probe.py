@@ -45,6 +45,7 @@ from .confine.namespaces import (
     CLONE_NEWPID,
     CLONE_NEWUSER,
     CLONE_NEWUTS,
+    unshare,
 )
 
 # include/uapi/linux/prctl.h
@@ -439,10 +440,6 @@ def _capabilities_fact(host: _Host) -> Fact:
 # The namespace child
 
 
-def _unshare(flags: int) -> None:
-    _libc.syscall("unshare", ctypes.c_ulong(flags))
-
-
 def _write_file(path: str, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
@@ -487,7 +484,7 @@ def _ns_child(w: int, uid: int, gid: int, target: str) -> None:
         return True
 
     # man 7 user_namespaces: unshare, then setgroups "deny" (Linux 3.19+), then the maps.
-    ok = attempt("userns", "unshare", lambda: _unshare(CLONE_NEWUSER))
+    ok = attempt("userns", "unshare", lambda: unshare(CLONE_NEWUSER))
     if not ok:
         return
     # man 5 proc: a non-dumpable process (one that changed uid without exec) has its
@@ -514,16 +511,16 @@ def _ns_child(w: int, uid: int, gid: int, target: str) -> None:
         os.mkdir(proc_dir, 0o555)
 
     # man 7 mount_namespaces: make "/" private first so nothing propagates back.
-    mounts_ok = (attempt("mount_ns", "unshare", lambda: _unshare(CLONE_NEWNS))
+    mounts_ok = (attempt("mount_ns", "unshare", lambda: unshare(CLONE_NEWNS))
                  and attempt("mount_ns", "mount private",
                              lambda: _mount(None, "/", None, MS_REC | MS_PRIVATE, None))
                  and attempt("mount_ns", "mount tmpfs", tmpfs_and_dir))
 
     for ns, flag, *_ in _EXTRA_NAMESPACES:
-        attempt(ns, "unshare", functools.partial(_unshare, flag))
+        attempt(ns, "unshare", functools.partial(unshare, flag))
 
     # man 7 pid_namespaces: the first child after unshare(CLONE_NEWPID) is pid 1.
-    if attempt("pidns", "unshare", lambda: _unshare(CLONE_NEWPID)):
+    if attempt("pidns", "unshare", lambda: unshare(CLONE_NEWPID)):
         out({"ns": "pidns", "step": "fork", "begin": True})
         try:
             pid = os.fork()
