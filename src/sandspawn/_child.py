@@ -94,24 +94,42 @@ def _die_with_parent(parent: int) -> None:
         raise OSError(0, "parent exited before PR_SET_PDEATHSIG took effect")
 
 
-def specialize(spec: dict[str, Any], bpf: bytes | None, parent: int, host: HostCaps) -> None:
-    """Apply every policy-dependent restriction; raises _StepFailed. Runs before the request."""
+def _fresh_child(sock_fd: int) -> None:
+    """First thing after the fork: nothing inherited from the zygote stays open but our socket
+    and stdio (other sandboxes' status sockets, the control socket, other children's sockets),
+    and signals are as a new process has them."""
+    os.closerange(3, sock_fd)
+    os.closerange(sock_fd + 1, 1 << 20)
     for sig in _RESET_SIGNALS:
         signal.signal(sig, signal.SIG_DFL)
     signal.set_wakeup_fd(-1)
     signal.pthread_sigmask(signal.SIG_SETMASK, ())
+
+
+def _session_and_limits(spec: dict[str, Any]) -> None:
     _step("setsid", os.setsid)
     _step("rlimits", rlimits.apply, [tuple(x) for x in spec["rlimits"]])
-    if spec.get("uid") is not None:
-        _step("set uid/gid", _drop_identity, spec["uid"], spec["gid"], host)
+
+
+def _lock_down(spec: dict[str, Any], bpf: bytes | None) -> None:
+    """The last layers, in this order: capabilities → no_new_privs → Landlock → seccomp."""
     _step("drop capabilities", caps.clear_ambient)
     _step("drop capabilities", caps.clear_all_sets)
-    _step("die with parent", _die_with_parent, parent)
     _step("no_new_privs", _libc.set_no_new_privs)
     if spec.get("landlock") is not None:
         _step("landlock", landlock.apply, landlock.RulesetSpec.from_json(spec["landlock"]))
     if bpf is not None:
         _step("seccomp", seccomp.load_bpf, bpf)
+
+
+def specialize(spec: dict[str, Any], bpf: bytes | None, parent: int, host: HostCaps) -> None:
+    """Apply every policy-dependent restriction; raises _StepFailed. Runs before the request."""
+    _session_and_limits(spec)
+    if spec.get("uid") is not None:
+        _step("set uid/gid", _drop_identity, spec["uid"], spec["gid"], host)
+    # After the uid change (which clears it): die with the zygote.
+    _step("die with parent", _die_with_parent, parent)
+    _lock_down(spec, bpf)
 
 
 def execute(req: dict[str, Any], fds: list[int], errfd: int) -> NoReturn:
@@ -144,10 +162,7 @@ def warm_main(sock_fd: int, spec: dict[str, Any], bpf: bytes | None, parent: int
 
     gc.disable()  # a short-lived child: collecting would only copy the zygote's pages
     try:
-        # Nothing inherited from the zygote stays open: other sandboxes' status sockets,
-        # the control socket, other pre-forked children's sockets.
-        os.closerange(3, sock_fd)
-        os.closerange(sock_fd + 1, 1 << 20)
+        _fresh_child(sock_fd)
         specialize(spec, bpf, parent, host)
         sock = socket.socket(fileno=sock_fd)
         data, fds, _flags, _addr = socket.recv_fds(sock, 1 << 20, 253)
@@ -181,12 +196,7 @@ def native_warm_main(sock_fd: int, spec: dict[str, Any], bpf: bytes | None, pare
 
     gc.disable()  # a short-lived child: collecting would only copy the zygote's pages
     try:
-        os.closerange(3, sock_fd)
-        os.closerange(sock_fd + 1, 1 << 20)
-        for sig in _RESET_SIGNALS:
-            signal.signal(sig, signal.SIG_DFL)
-        signal.set_wakeup_fd(-1)
-        signal.pthread_sigmask(signal.SIG_SETMASK, ())
+        _fresh_child(sock_fd)
         _step("user namespace", _enter_namespaces, spec)
         # After the uid change (which clears it): die with the zygote.
         _step("die with parent", _die_with_parent, parent)
@@ -226,17 +236,10 @@ def _native_payload(sock_fd: int, spec: dict[str, Any], bpf: bytes | None,
             _step("sethostname", namespaces.sethostname, spec["hostname"])
         if spec.get("loopback"):
             _step("loopback", loopback.bring_up_loopback)
-        _step("setsid", os.setsid)
-        _step("rlimits", rlimits.apply, [tuple(x) for x in spec["rlimits"]])
+        _session_and_limits(spec)
         # Inside the user namespace we hold every capability: drop them all, bounding set too.
         _step("drop capabilities", caps.drop_bounding_set, host.last_cap)
-        _step("drop capabilities", caps.clear_ambient)
-        _step("drop capabilities", caps.clear_all_sets)
-        _step("no_new_privs", _libc.set_no_new_privs)
-        if spec.get("landlock") is not None:
-            _step("landlock", landlock.apply, landlock.RulesetSpec.from_json(spec["landlock"]))
-        if bpf is not None:
-            _step("seccomp", seccomp.load_bpf, bpf)
+        _lock_down(spec, bpf)
         sock = socket.socket(fileno=sock_fd)
         # The zygote reads our host pid from this message's credentials (SO_PASSCRED).
         sock.send(b'{"ready": true}')
