@@ -206,8 +206,7 @@ def _plan_landlock(policy: Policy, probe: HostProbe, weaker: frozenset[str], cal
         lines.append(_status(restriction, requested, cands, weaker, reason, remedy))
 
     # filesystem
-    fs = policy.filesystem
-    req = f"allow-list of {len(fs.paths)} paths" + (", private /tmp" if fs.private_tmp else "")
+    req = _fs_requested(policy)
     if abi >= 3:
         add("filesystem", req, [_meaning("filesystem", "allow-list", "landlock")], "", "")
     elif abi >= 1:
@@ -218,7 +217,7 @@ def _plan_landlock(policy: Policy, probe: HostProbe, weaker: frozenset[str], cal
 
     # network
     net = policy.network
-    req = net.mode + (f" ports {list(net.ports)}" if net.ports else "")
+    req = _net_requested(policy)
     if net.mode == "none":
         if has_sc and abi >= 4:
             add("network", req, [_meaning("network", "none", "seccomp + landlock")], "", "")
@@ -230,14 +229,8 @@ def _plan_landlock(policy: Policy, probe: HostProbe, weaker: frozenset[str], cal
         add("network", req, [_meaning("network", "loopback", "none")],
             "a private loopback needs a network namespace, which the landlock engine does not "
             "create", "use an engine with namespaces")
-    elif net.mode == "tcp-connect":
-        if has_sc and abi >= 4:
-            add("network", req, [_meaning("network", "tcp-connect", "seccomp + landlock")], "", "")
-        else:
-            add("network", req, [], "TCP port rules need Landlock ABI 4 (Linux 6.7) and seccomp",
-                "use Linux 6.7 or newer with libseccomp2 installed")
     else:
-        add("network", req, [_meaning("network", "host", "none")], "", "")
+        _shared_network(policy, probe, add)
 
     # processes
     if policy.processes == "isolated":
@@ -285,13 +278,7 @@ def _plan_landlock(policy: Policy, probe: HostProbe, weaker: frozenset[str], cal
     rlimits = _resources(policy, lines, weaker, tmp_mechanism="none")
     env = policy.environment
     _environment(policy, lines, weaker)
-
-    # lifetime
-    life = _meaning("lifetime", "die-with-caller", "zygote + PDEATHSIG")
-    if policy.lifetime.timeout:
-        life.meaning += f" Timeout: killed after {policy.lifetime.timeout:g} s of wall-clock time."
-    add("lifetime", "die with caller" + (f", timeout {policy.lifetime.timeout:g} s"
-                                         if policy.lifetime.timeout else ""), [life], "", "")
+    _lifetime(policy, add, "zygote + PDEATHSIG")
 
     report = Report("landlock", tuple(lines))
     if report.refused:
@@ -361,6 +348,37 @@ def _syscalls(policy: Policy, lines: list[ReportLine], weaker: frozenset[str],
                          sc.remedy or "install libseccomp2"))
 
 
+def _fs_requested(policy: Policy) -> str:
+    fs = policy.filesystem
+    return f"allow-list of {len(fs.paths)} paths" + (", private /tmp" if fs.private_tmp else "")
+
+
+def _net_requested(policy: Policy) -> str:
+    net = policy.network
+    return net.mode + (f" ports {list(net.ports)}" if net.ports else "")
+
+
+def _shared_network(policy: Policy, probe: HostProbe, add: Callable[..., None]) -> None:
+    """network = tcp-connect or host: the host's network, filtered by seccomp + Landlock."""
+    req = _net_requested(policy)
+    if policy.network.mode == "host":
+        add("network", req, [_meaning("network", "host", "none")], "", "")
+    elif probe.fact("seccomp").available and probe.landlock_abi >= 4:
+        add("network", req, [_meaning("network", "tcp-connect", "seccomp + landlock")], "", "")
+    else:
+        add("network", req, [], "TCP port rules need Landlock ABI 4 (Linux 6.7) and seccomp",
+            "use Linux 6.7 or newer with libseccomp2 installed")
+
+
+def _lifetime(policy: Policy, add: Callable[..., None], mechanism: str) -> None:
+    life = _meaning("lifetime", "die-with-caller", mechanism)
+    timeout = policy.lifetime.timeout
+    if timeout:
+        life.meaning += f" Timeout: killed after {timeout:g} s of wall-clock time."
+    add("lifetime", "die with caller" + (f", timeout {timeout:g} s" if timeout else ""), [life],
+        "", "")
+
+
 def _grants(policy: Policy, add: Callable[..., None], none_meaning: dict[str, _Candidate],
             reason: str, remedy: str) -> None:
     """display, dbus and devices: `none` has a per-engine meaning (`reason`/`remedy` say why
@@ -379,7 +397,6 @@ def _plan_native(policy: Policy, probe: HostProbe, weaker: frozenset[str], calle
     from .confine import mounts, namespaces
 
     abi = probe.landlock_abi
-    has_sc = probe.fact("seccomp").available
     lines: list[ReportLine] = []
     ns_reason = ns_remedy = ""
     if missing:
@@ -394,23 +411,16 @@ def _plan_native(policy: Policy, probe: HostProbe, weaker: frozenset[str], calle
         lines.append(_status(restriction, requested, cands, weaker, reason, remedy))
 
     fs = policy.filesystem
-    add("filesystem", f"allow-list of {len(fs.paths)} paths"
-        + (", private /tmp" if fs.private_tmp else ""),
+    add("filesystem", _fs_requested(policy),
         [_meaning("filesystem", "allow-list", "mount namespace")])
 
     net = policy.network
     own_netns = net.mode in ("none", "loopback")
-    req = net.mode + (f" ports {list(net.ports)}" if net.ports else "")
     if own_netns:
-        add("network", req, [_meaning("network", net.mode, "network namespace")])
-    elif net.mode == "tcp-connect":
-        if has_sc and abi >= 4:
-            add("network", req, [_meaning("network", "tcp-connect", "seccomp + landlock")])
-        else:
-            add("network", req, [], "TCP port rules need Landlock ABI 4 (Linux 6.7) and "
-                "seccomp", "use Linux 6.7 or newer with libseccomp2 installed")
+        add("network", _net_requested(policy),
+            [_meaning("network", net.mode, "network namespace")])
     else:
-        add("network", req, [_meaning("network", "host", "none")])
+        _shared_network(policy, probe, add)
 
     add("processes", policy.processes, [_meaning("processes", policy.processes,
                                                  "pid namespace")])
@@ -441,11 +451,7 @@ def _plan_native(policy: Policy, probe: HostProbe, weaker: frozenset[str], calle
                                         "user namespace + capabilities + no_new_privs + setsid")])
     rlimits = _resources(policy, lines, weaker, tmp_mechanism="tmpfs")
     _environment(policy, lines, weaker)
-    life = _meaning("lifetime", "die-with-caller", "pid namespace")
-    if policy.lifetime.timeout:
-        life.meaning += f" Timeout: killed after {policy.lifetime.timeout:g} s of wall-clock time."
-    add("lifetime", "die with caller" + (f", timeout {policy.lifetime.timeout:g} s"
-                                         if policy.lifetime.timeout else ""), [life])
+    _lifetime(policy, add, "pid namespace")
 
     report = Report("native", tuple(lines))
     if report.refused:
