@@ -118,7 +118,7 @@ class Popen:
         try:
             for target, spec, name in ((0, stdin, "stdin"), (1, stdout, "stdout"),
                                        (2, stderr, "stderr")):
-                fd = self._child_fd(target, spec, name, to_close, parent_ends, fd_map, send)
+                fd = self._child_fd(target, spec, name, to_close, parent_ends, send)
                 fd_map.append((len(send), target))
                 send.append(fd)
             for fd in pass_fds:
@@ -164,8 +164,7 @@ class Popen:
             setattr(self, name, self._wrap(fd, name == "stdin"))
 
     def _child_fd(self, target: int, spec: _StdSpec, name: str, to_close: list[int],
-                  parent_ends: list[tuple[str, int]], fd_map: list[tuple[int, int]],
-                  send: list[int]) -> int:
+                  parent_ends: list[tuple[str, int]], send: list[int]) -> int:
         if spec is None:
             return target
         if spec == PIPE:
