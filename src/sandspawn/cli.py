@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -17,11 +16,13 @@ from typing import Any
 
 from . import policy as policy_mod
 from .errors import PolicyError, SandspawnError
+from .paths import check_host_paths
 from .plan import ENGINES, CannotEnforce, Report, make_plan
 from .policy import NETWORK_MODES, RESTRICTIONS, PathRule, Policy
 
 EXIT_OWN_ERROR = 125
 EXIT_TIMEOUT = 124
+_CMDLINE = "<command line>"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -79,22 +80,36 @@ def _policy(args: argparse.Namespace) -> Policy:
     for item in args.param:
         name, sep, value = item.partition("=")
         if not sep or not name:
-            raise PolicyError(f"bad --param {item!r}", source="<command line>", key="--param",
+            raise PolicyError(f"bad --param {item!r}", source=_CMDLINE, key="--param",
                               value=item, allowed=("NAME=VALUE",))
         params[name] = value
+    extra = [PathRule(policy_mod.caller_path(path, _CMDLINE, f"--{mode}"), mode)
+             for mode in ("ro", "rw", "exec") for path in getattr(args, mode)]
+    ports: list[int] = args.tcp_port
+    mode = args.network
+    if ports:
+        for port in ports:
+            if not 1 <= port <= 65535:
+                raise PolicyError(f"bad port {port}", source=_CMDLINE, key="--tcp-port",
+                                  value=port, allowed=("1..65535",))
+        if mode not in (None, "tcp-connect"):
+            given = " ".join(f"--tcp-port {p}" for p in ports)
+            raise PolicyError(f"{given} conflicts with --network {mode}: only "
+                              "--network tcp-connect takes TCP ports", source=_CMDLINE,
+                              key="--network/--tcp-port", value=ports,
+                              allowed=("--tcp-port only with --network tcp-connect",))
     pol = Policy.load(args.profile, params)
-    extra = []
-    for mode in ("ro", "rw", "exec"):
-        for path in getattr(args, mode):
-            extra.append(PathRule(os.path.normpath(os.path.abspath(path)), mode))
     if extra:
         pol = pol.with_paths(extra)
-    if args.network or args.tcp_port:
-        try:
-            pol = pol.with_network(args.network or pol.network.mode, args.tcp_port)
-        except PolicyError as exc:
-            raise PolicyError(str(exc).split(": ", 1)[-1], source="<command line>",
-                              key="--network/--tcp-port", allowed=exc.allowed) from None
+        check_host_paths(pol, origins={r: (_CMDLINE, f"--{r.access}") for r in extra})
+    if ports and mode is None and pol.network.mode != "tcp-connect":
+        given = " ".join(f"--tcp-port {p}" for p in ports)
+        raise PolicyError(f"{given} conflicts with network mode {pol.network.mode!r} of profile "
+                          f"{args.profile}: only tcp-connect takes TCP ports", source=_CMDLINE,
+                          key="--network/--tcp-port", value=ports,
+                          allowed=("--tcp-port only with --network tcp-connect",))
+    if mode or ports:
+        pol = pol.with_network(mode or pol.network.mode, ports)
     return pol
 
 

@@ -49,6 +49,11 @@ _ACCESS_OPS: dict[str, frozenset[str]] = {
 }
 
 
+def access_includes(mode: str, other: str) -> bool:
+    """Whether access mode `mode` grants every operation that `other` grants."""
+    return _ACCESS_OPS[other] <= _ACCESS_OPS[mode]
+
+
 def _mode_for_ops(ops: frozenset[str]) -> str:
     for mode, mode_ops in _ACCESS_OPS.items():
         if mode_ops == ops:
@@ -65,10 +70,10 @@ class PathRule:
     optional: bool = False
 
     def __post_init__(self) -> None:
-        _check_path(self.path, "<policy>", "filesystem path")
         if self.access not in ACCESS_MODES:
             raise PolicyError(f"bad access mode {self.access!r} for {self.path}",
                               key="filesystem", value=self.access, allowed=ACCESS_MODES)
+        check_path(self.path, "<policy>", f"filesystem.{self.access}")
 
 
 @dataclass(frozen=True)
@@ -85,17 +90,23 @@ class Network:
     ports: tuple[int, ...] = ()  # TCP ports that `tcp-connect` may connect to
 
     def __post_init__(self) -> None:
-        if self.mode not in NETWORK_MODES:
-            raise PolicyError(f"bad value {self.mode!r}", key="network.mode", value=self.mode,
-                              allowed=NETWORK_MODES)
-        if self.ports and self.mode != "tcp-connect":
-            raise PolicyError(f"ports {list(self.ports)} conflict with mode {self.mode!r}",
-                              key="network.ports", value=self.ports,
-                              allowed=("ports only with mode = \"tcp-connect\"",))
-        for port in self.ports:
-            if not 1 <= port <= 65535:
-                raise PolicyError(f"bad port {port!r}", key="network.ports", value=port,
-                                  allowed=("1..65535",))
+        check_network(self.mode, self.ports, "<policy>")
+
+
+def check_network(mode: str, ports: Iterable[int], source: str) -> None:
+    """PolicyError unless `mode` is known and `ports` are valid TCP ports of mode tcp-connect."""
+    ports = list(ports)
+    if mode not in NETWORK_MODES:
+        raise PolicyError(f"bad value {mode!r}", source=source, key="network.mode", value=mode,
+                          allowed=NETWORK_MODES)
+    if ports and mode != "tcp-connect":
+        raise PolicyError(f"ports {ports} conflict with mode {mode!r}: only \"tcp-connect\" "
+                          "takes a port allow-list", source=source, key="network.ports",
+                          value=ports, allowed=("ports only with mode = \"tcp-connect\"",))
+    for port in ports:
+        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+            raise PolicyError(f"bad port {port!r}", source=source, key="network.ports",
+                              value=port, allowed=("1..65535",))
 
 
 @dataclass(frozen=True)
@@ -424,16 +435,49 @@ def _expect(value: Any, kind: type | tuple[type, ...], source: str, key: str,
     return value
 
 
-def _check_path(path: str, source: str, key: str) -> str:
-    if not path.startswith("/"):
-        raise PolicyError(f"path {path!r} is not absolute", source=source, key=key, value=path)
-    parts = path.split("/")
-    if ".." in parts or "." in parts[1:]:
-        raise PolicyError(f"path {path!r} contains '.' or '..' components", source=source,
-                          key=key, value=path)
+PATH_ALLOWED: tuple[str, ...] = (
+    "an absolute path without '.', '..' or empty components (no '//', no trailing '/')",)
+
+
+def check_path(path: str, source: str, key: str, template: str | None = None) -> str:
+    """`path` if it is absolute and in canonical form, else PolicyError naming it.
+
+    `template` is the text before parameter substitution, shown when it differs.
+    """
+    problem = ""
     if "\0" in path:
-        raise PolicyError("path contains a NUL byte", source=source, key=key, value=path)
+        problem = "contains a NUL byte"
+    elif not path:
+        problem = "is empty"
+    elif not path.startswith("/"):
+        problem = "is not absolute"
+    elif path != "/":
+        parts = path.split("/")[1:]
+        if ".." in parts:
+            problem = "contains a '..' component"
+        elif "." in parts:
+            problem = "contains a '.' component"
+        elif "" in parts:
+            problem = "contains an empty component ('//' or a trailing '/')"
+    if problem:
+        shown = repr(path)
+        if template is not None and template != path:
+            shown += f" (from {template!r})"
+        raise PolicyError(f"path {shown} {problem}", source=source, key=key, value=path,
+                          allowed=PATH_ALLOWED)
     return path
+
+
+def caller_path(value: str, source: str, key: str) -> str:
+    """A path the caller typed (--ro, --param): relative to the working directory.
+
+    '.', repeated and trailing slashes are only spelling and are normalised away; '..' is an
+    error, because removing it lexically is wrong when the component before it is a symlink.
+    """
+    full = value if value.startswith("/") or not value else os.path.join(os.getcwd(), value)
+    if full and ".." not in full.split("/") and "\0" not in full:
+        full = "/" + os.path.normpath(full).lstrip("/")
+    return check_path(full, source, key, template=value)
 
 
 def _substitute(text: str, params: Mapping[str, str], declared: tuple[str, ...], source: str,
@@ -451,10 +495,6 @@ def _substitute(text: str, params: Mapping[str, str], declared: tuple[str, ...],
         raise PolicyError(f"unknown placeholder in {text!r}", source=source, key=key,
                           value=text, allowed=tuple("{" + d + "}" for d in declared))
     return out
-
-
-def _param_path(value: str) -> str:
-    return os.path.normpath(os.path.abspath(value))
 
 
 def _parse_size(value: Any, source: str, key: str) -> int:
@@ -500,7 +540,7 @@ def _from_table(data: Mapping[str, Any], source: str, params: dict[str, str],
         if given not in declared and depth == 0:
             raise PolicyError(f"unknown parameter {given!r}", source=source, key="profile.params",
                               value=given, allowed=declared or ("(this profile takes none)",))
-    params = {k: _param_path(v) for k, v in params.items()}
+    params = {k: caller_path(v, source, f"param {k}") for k, v in params.items()}
 
     base = Policy()
     if "extends" in prof:
@@ -525,7 +565,8 @@ def _from_table(data: Mapping[str, Any], source: str, params: dict[str, str],
                 path = _expect(item, str, source, key, "a path or {path=..., optional=...}")
                 if path.startswith("?"):
                     optional, path = True, path[1:]
-            path = _check_path(_substitute(path, params, declared, source, key), source, key)
+            path = check_path(_substitute(path, params, declared, source, key), source, key,
+                              template=path)
             rules.append(PathRule(path, mode, optional))
     bfs = base.filesystem
     filesystem = Filesystem(
@@ -545,14 +586,12 @@ def _from_table(data: Mapping[str, Any], source: str, params: dict[str, str],
 
     net_t = data.get("network", {})
     net_mode = mode_of("network", NETWORK_MODES, base.network.mode)
+    # A profile that changes the mode away from tcp-connect does not inherit its ports.
+    inherited = list(base.network.ports) if net_mode == "tcp-connect" else []
     ports = [_parse_count(p, source, "network.ports")
-             for p in _str_list(net_t.get("ports", list(base.network.ports)), source,
-                                "network.ports")]
-    try:
-        network = Network(net_mode, tuple(ports))
-    except PolicyError as exc:
-        raise PolicyError(str(exc).split(": ", 1)[1], source=source, key="network.ports",
-                          value=ports) from None
+             for p in _str_list(net_t.get("ports", inherited), source, "network.ports")]
+    check_network(net_mode, ports, source)
+    network = Network(net_mode, tuple(ports))
 
     dbus_t = data.get("dbus", {})
     dbus_mode = mode_of("dbus", DBUS_MODES, base.dbus.mode)
