@@ -195,6 +195,37 @@ def test_bwrap_and_cgroup2_are_explained(host_probe: HostProbe) -> None:
     assert cg.available or (cg.reason and cg.remedy)
 
 
+@pytest.mark.parametrize("as_nobody", both_users())
+def test_cgroup2_fact_says_which_controllers_are_usable_and_why_not(as_nobody: bool) -> None:
+    """The fact is confine.cgroups.detect() in words: the usable controllers in the detail, the
+    cause for each missing one (e.g. bound to cgroup v1) or the missing delegation in reason."""
+    def body() -> dict[str, Any]:
+        from sandspawn.confine import cgroups
+
+        sup = cgroups.detect(("memory", "pids", "cpu"))
+        fact = probe_host().fact("cgroup2")
+        return {"available": fact.available, "detail": fact.detail, "reason": fact.reason,
+                "remedy": fact.remedy, "ok": sup.ok, "base": sup.base, "usable": sup.usable,
+                "missing": sup.missing, "uid": os.geteuid()}
+
+    res = in_child(body, as_nobody=as_nobody)
+    assert res.error is None, res.error
+    out = res.value
+    assert out["available"] == (out["ok"] and bool(out["usable"]))
+    if not out["available"]:
+        assert out["reason"] and out["remedy"]
+    if out["base"] is None:
+        return
+    assert out["detail"].startswith(out["base"])
+    assert f"for sandboxes: {' '.join(out['usable']) or 'none'}" in out["detail"]
+    if out["ok"]:
+        for controller, why in out["missing"].items():
+            assert f"{controller} {why}" in out["reason"]  # e.g. "memory bound to cgroup v1 at"
+    else:
+        assert f"not delegated to uid {out['uid']}" in out["reason"]
+        assert "Delegate=yes" in out["remedy"]
+
+
 def test_json_roundtrip(host_probe: HostProbe) -> None:
     import json
 

@@ -1067,80 +1067,28 @@ _WANTED_CONTROLLERS = ("memory", "pids", "cpu")
 
 
 def _cgroup2_fact() -> Fact:
-    # Documentation/admin-guide/cgroup-v2.rst (Linux 4.5+); delegation: section "Delegation"
-    mounts = [(root, mp) for root, mp, fstype in _mountinfo() if fstype == "cgroup2"]
-    hybrid_remedy = ("boot with systemd.unified_cgroup_hierarchy=1 or run under a systemd user "
-                     "scope with Delegate=yes")
-    if not mounts:
-        return Fact("cgroup2", False, "no cgroup2 mount",
-                    reason="cgroup v1 only: no cgroup v2 hierarchy is mounted",
-                    remedy=hybrid_remedy)
-    ours = None
-    for line in (_read("/proc/self/cgroup") or "").splitlines():
-        if line.startswith("0::"):
-            ours = line[3:]
-    if ours is None:
-        return Fact("cgroup2", False, f"mounted at {mounts[0][1]}",
-                    reason="/proc/self/cgroup has no 0:: line for the v2 hierarchy",
-                    remedy=hybrid_remedy)
-    cgdir = None
-    for root, mp in mounts:
-        rel = os.path.relpath(ours, root) if ours.startswith(root) else None
-        if rel is not None and not rel.startswith(".."):
-            cgdir = os.path.normpath(os.path.join(mp, rel))
-            break
-    if cgdir is None or not os.path.isdir(cgdir):
-        return Fact("cgroup2", False, f"our cgroup {ours} is not visible",
-                    reason=(f"our cgroup {ours} is outside every cgroup2 mount "
-                            f"({', '.join(mp for _, mp in mounts)})"),
-                    remedy="mount the cgroup2 hierarchy (or run in a cgroup namespace rooted at "
-                           "our cgroup)")
-    controllers = (_read(os.path.join(cgdir, "cgroup.controllers")) or "").split()
-    wanted = [c for c in _WANTED_CONTROLLERS if c in controllers]
-    writable = all(os.access(os.path.join(cgdir, f), os.W_OK)
-                   for f in ("cgroup.procs", "cgroup.subtree_control")) and \
-        os.access(cgdir, os.W_OK)
-    child_note = ""
-    if writable:
-        child_note = _try_child_cgroup(cgdir)
-    delegated = writable and not child_note
-    detail = (f"{cgdir} (cgroup {ours}), controllers: {' '.join(controllers) or 'none'}, "
-              f"{'delegated' if delegated else 'not delegated'}")
-    if not wanted:
-        return Fact(
-            "cgroup2", False, detail,
-            reason=(f"cgroup v1 only for {', '.join(_WANTED_CONTROLLERS)}: the v2 hierarchy "
-                    f"at {cgdir} has none of them (only {' '.join(controllers) or 'nothing'}); "
-                    "they are bound to v1 hierarchies or not enabled by the parent"),
-            remedy=hybrid_remedy)
-    if not delegated:
-        return Fact(
-            "cgroup2", False, detail,
-            reason=(f"our cgroup {ours} is not delegated to uid {os.geteuid()}"
-                    + (f" ({child_note})" if child_note else
-                       " (cgroup.procs/cgroup.subtree_control not writable)")),
-            remedy="run under `systemd-run --user --scope -p Delegate=yes` or have root chown "
-                   "the cgroup directory to you")
-    missing = [c for c in _WANTED_CONTROLLERS if c not in wanted]
-    if missing:
-        return Fact("cgroup2", True, detail,
-                    reason=f"controllers {', '.join(missing)} are not enabled for our cgroup",
-                    remedy="enable them in the parent's cgroup.subtree_control")
-    return Fact("cgroup2", True, detail)
+    """Whether each sandbox can get its own cgroup v2 with memory.max, pids.max and cpu.max.
 
+    Documentation/admin-guide/cgroup-v2.rst (Linux 4.5+); the detection (our cgroup from
+    /proc/self/cgroup, the cgroup2 mount wherever it is, write access, a probe child, which
+    controllers a child gets and why not) is confine.cgroups.detect().
+    """
+    from .confine import cgroups
 
-def _try_child_cgroup(cgdir: str) -> str:
-    """Create and remove a child cgroup; '' when that works, else what failed."""
-    child = os.path.join(cgdir, f"sandspawn-probe-{os.getpid()}")
-    try:
-        os.mkdir(child)
-    except OSError as exc:
-        return f"creating a child cgroup failed with {_errtext(exc.errno)}"
-    try:
-        os.rmdir(child)
-    except OSError as exc:
-        return f"removing the test child cgroup {child} failed with {_errtext(exc.errno)}"
-    return ""
+    sup = cgroups.detect(_WANTED_CONTROLLERS)
+    if sup.base is None:
+        detail = ("no cgroup2 mount" if sup.mount is None else
+                  f"our cgroup {sup.cgroup} is not visible" if sup.cgroup else
+                  f"mounted at {sup.mount}")
+        return Fact("cgroup2", False, detail, reason=sup.reason, remedy=sup.remedy)
+    usable = " ".join(sup.usable) or "none"
+    detail = (f"{sup.base} (cgroup {sup.cgroup}), controllers: {' '.join(sup.available) or 'none'}"
+              f", {'writable' if sup.writable else 'not delegated'}; for sandboxes: {usable}"
+              f"; cgroup.kill: {'yes' if sup.kill else 'no' if sup.writable else 'not probed'}")
+    if sup.needs_leaf:
+        detail += f"; enabling them first moves our cgroup's processes into {cgroups.LEAF}"
+    return Fact("cgroup2", sup.ok and bool(sup.usable), detail, reason=sup.reason,
+                remedy=sup.remedy)
 
 
 # ---------------------------------------------------------------------------------------------
