@@ -78,7 +78,7 @@ def test_unknown_allow_weaker_and_engine(probe: HostProbe) -> None:
     with pytest.raises(PolicyError, match="unknown restriction 'proceses'.*allowed: filesystem"):
         make_plan(Policy(), probe, allow_weaker={"proceses"}, engine="landlock")
     with pytest.raises(PolicyError, match="unknown engine 'docker'.*allowed: auto, native, "
-                                          "landlock"):
+                                          "bwrap, landlock"):
         make_plan(Policy(), probe, engine="docker")
 
 
@@ -211,13 +211,18 @@ def test_auto_picks_native_and_enforces_strict(probe: HostProbe) -> None:
 def test_auto_falls_back_to_landlock_naming_why_native_cannot_run(probe: HostProbe) -> None:
     blocked = Fact("userns", False, "blocked", reason="a seccomp filter blocks unshare",
                    remedy="run outside the container", step="unshare", errno=1)
-    host = with_facts(probe, userns=blocked)
+    no_bwrap = Fact("bwrap", False, "not found in PATH",
+                    reason="bubblewrap is not installed (no bwrap in PATH)",
+                    remedy="apt install bubblewrap")
+    host = with_facts(probe, userns=blocked, bwrap=no_bwrap)
     with pytest.raises(CannotEnforce) as info:
         make_plan(Policy.load("strict"), host)
     assert info.value.report.engine == "landlock"
     line = info.value.refused[0]
     assert line.restriction == "processes"
     assert "userns: a seccomp filter blocks unshare" in (line.reason or "")
+    assert "the bwrap engine cannot run here: bwrap: bubblewrap is not installed" in (
+        line.reason or "")
     assert (line.remedy or "").startswith("run outside the container")
     forced = pytest.raises(CannotEnforce)
     with forced as info2:

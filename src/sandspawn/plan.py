@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 from . import semantics
 from .confine import landlock
@@ -21,7 +21,10 @@ from .errors import PolicyError, SandspawnError
 from .policy import RESTRICTIONS, Policy
 from .probe import HostProbe
 
-ENGINES: tuple[str, ...] = ("auto", "native", "landlock")
+if TYPE_CHECKING:
+    from .engines.bwrap import BwrapSetup
+
+ENGINES: tuple[str, ...] = ("auto", "native", "bwrap", "landlock")
 NOBODY = 65534
 
 # include/linux/socket.h (Linux 6.18): AF_MCTP = 45 is the last family, AF_MAX = 46.
@@ -107,6 +110,10 @@ class Plan:
     loopback: bool = False
     inside_uid: int | None = None  # uid/gid inside the user namespace
     inside_gid: int | None = None
+    # The bwrap engine: bwrap's path, version and features, the shim's interpreter and where
+    # the package is bound (engines.bwrap). Its bwrap runs as `uid`/`gid`; `landlock` holds the
+    # shim's filesystem rules as paths inside the sandbox.
+    bwrap: BwrapSetup | None = None
 
 
 @dataclass
@@ -141,13 +148,64 @@ def make_plan(
     if engine not in ENGINES:
         raise PolicyError(f"unknown engine {engine!r}", source="engine", value=engine,
                           allowed=ENGINES)
+    from .paths import check_host_paths
+    check_host_paths(policy)
     caller_uid = os.geteuid() if caller_uid is None else caller_uid
     env = dict(os.environ) if caller_env is None else caller_env
     missing = _native_missing(policy, probe)
     if engine == "native" or (engine == "auto" and not missing):
-        return _plan_native(policy, probe, weaker, caller_uid, env, uid, gid, missing)
-    return _plan_landlock(policy, probe, weaker, caller_uid, env, uid, gid,
-                          native_why=missing[0] if missing and engine == "auto" else None)
+        return _plan_ns("native", policy, probe, weaker, caller_uid, env, uid, gid,
+                        _native_blocked(missing) if missing else None)
+    if engine == "bwrap":
+        return _plan_ns("bwrap", policy, probe, weaker, caller_uid, env, uid, gid,
+                        _bwrap_blocked(policy, probe, caller_uid, uid, gid))
+    unusable: list[tuple[str, str, str | None]] = []  # (engine, why, remedy) under auto
+    if engine == "auto":
+        unusable.append(("native", *_native_blocked(missing)))
+        blocked = _bwrap_blocked(policy, probe, caller_uid, uid, gid)
+        if blocked is None:
+            try:
+                return _plan_ns("bwrap", policy, probe, weaker, caller_uid, env, uid, gid, None)
+            except CannotEnforce as exc:
+                blocked = ("; ".join(f"{ln.restriction}: {ln.reason}" for ln in exc.refused),
+                           exc.refused[0].remedy)
+            except PolicyError as exc:  # e.g. a path its mounts cannot show; Landlock may
+                blocked = (str(exc), None)
+        unusable.append(("bwrap", *blocked))
+    return _plan_landlock(policy, probe, weaker, caller_uid, env, uid, gid, unusable)
+
+
+def _native_blocked(missing: list[Any]) -> tuple[str, str | None]:
+    return (f"{missing[0].name}: {missing[0].reason}", missing[0].remedy)
+
+
+def _bwrap_blocked(policy: Policy, probe: HostProbe, caller_uid: int, uid: int, gid: int
+                   ) -> tuple[str, str | None] | None:
+    """Why the bwrap engine cannot run this policy here (reason, remedy), or None."""
+    from .engines import bwrap
+
+    try:
+        fact = probe.fact("bwrap")
+    except KeyError:
+        return ("bwrap: the host probe has no bwrap fact", "probe the host again")
+    if not fact.available:
+        return (f"bwrap: {fact.reason}", fact.remedy)
+    version = bwrap.parse_version(fact.detail)
+    if version is None or version < bwrap.MIN_VERSION:
+        have = "of unknown version" if version is None else ".".join(map(str, version))
+        return (f"bwrap: bubblewrap {have} is too old; the bwrap engine needs "
+                f"{'.'.join(map(str, bwrap.MIN_VERSION))} (--perms for --tmpfs)",
+                "install bubblewrap 0.5.0 or newer")
+    if not bwrap.ZYGOTE_SUPPORT:
+        return ("bwrap: this version's zygote does not start bubblewrap sandboxes yet",
+                "use --engine native or --engine landlock")
+    run_uid, run_gid = (uid, gid) if caller_uid == 0 else (caller_uid, os.getegid())
+    if not bwrap.package_readable(bwrap.PACKAGE_DIR, run_uid, run_gid):
+        return (f"bwrap: the shim is bound into the sandbox from {bwrap.PACKAGE_DIR}, which uid "
+                f"{run_uid} (the uid bwrap runs as) cannot read",
+                "install sandspawn where every user can read it (e.g. a system or a world-"
+                "readable virtual environment), or use another engine")
+    return None
 
 
 def _native_needs(policy: Policy) -> list[str]:
@@ -191,7 +249,9 @@ def _status(restriction: str, requested: str, candidates: list[_Candidate],
 
 def _plan_landlock(policy: Policy, probe: HostProbe, weaker: frozenset[str], caller_uid: int,
                    caller_env: dict[str, str], uid: int, gid: int,
-                   native_why: Any = None) -> Plan:
+                   unusable: list[tuple[str, str, str | None]] | None = None) -> Plan:
+    """The landlock engine. `unusable` (under --engine auto): the stronger engines that cannot
+    run here, as (engine, why, remedy); every refused line names them."""
     abi = probe.landlock_abi
     ll = probe.fact("landlock")
     sc = probe.fact("seccomp")
@@ -240,9 +300,10 @@ def _plan_landlock(policy: Policy, probe: HostProbe, weaker: frozenset[str], cal
                "creates none" + ("" if cands else " (and Landlock ABI 6 signal scoping is "
                                  "missing)"))
         remedy = "use the native engine (--engine auto picks it where namespaces work)"
-        if native_why is not None:
-            why += f"; the native engine cannot run here: {native_why.name}: {native_why.reason}"
-            remedy = native_why.remedy or remedy
+        for _, _, other_remedy in unusable or ():
+            if other_remedy:
+                remedy = other_remedy
+                break
         add("processes", "isolated", cands, why, remedy)
     else:
         add("processes", "visible", [_meaning("processes", "visible", "none")], "", "")
@@ -280,6 +341,10 @@ def _plan_landlock(policy: Policy, probe: HostProbe, weaker: frozenset[str], cal
     _environment(policy, lines, weaker)
     _lifetime(policy, add, "zygote + PDEATHSIG")
 
+    if unusable:
+        note = "".join(f"; the {name} engine cannot run here: {why}" for name, why, _ in unusable)
+        lines = [replace(ln, reason=(ln.reason or "") + note) if ln.status == "refused" else ln
+                 for ln in lines]
     report = Report("landlock", tuple(lines))
     if report.refused:
         raise CannotEnforce(report)
@@ -392,46 +457,81 @@ def _grants(policy: Policy, add: Callable[..., None], none_meaning: dict[str, _C
                 f"use {name} = none")
 
 
-def _plan_native(policy: Policy, probe: HostProbe, weaker: frozenset[str], caller_uid: int,
-                 caller_env: dict[str, str], uid: int, gid: int, missing: list[Any]) -> Plan:
-    from .confine import mounts, namespaces
+# Mechanism names (semantics.TABLE) of the two namespace engines.
+_NS_MECH: dict[str, dict[str, str]] = {
+    "native": {
+        "fs": "mount namespace", "fs_no_exec": "mount namespace", "net": "network namespace",
+        "pid": "pid namespace", "ipc": "ipc + network namespaces",
+        "ipc_ll": "ipc namespace + landlock", "mnt": "mount namespace",
+        "mnt_shared": "mount namespace, shared network",
+        "priv": "user namespace + capabilities + no_new_privs + setsid",
+        "life": "pid namespace",
+    },
+    "bwrap": {
+        "fs": "bwrap mount namespace + landlock", "fs_no_exec": "bwrap mount namespace",
+        "net": "bwrap network namespace", "pid": "bwrap pid namespace",
+        "ipc": "bwrap ipc + network namespaces", "ipc_ll": "bwrap ipc namespace + landlock",
+        "mnt": "bwrap mount namespace", "mnt_shared": "bwrap mount namespace, shared network",
+        "priv": "bwrap user namespace + capabilities + no_new_privs + setsid",
+        "life": "bwrap --die-with-parent + pid namespace",
+    },
+}
 
+
+def _plan_ns(engine: str, policy: Policy, probe: HostProbe, weaker: frozenset[str],
+             caller_uid: int, caller_env: dict[str, str], uid: int, gid: int,
+             blocked: tuple[str, str | None] | None) -> Plan:
+    """The native engine (our own namespaces) or the bwrap engine (bubblewrap's namespaces,
+    Landlock and rlimits through the shim): the same layout, enforced by different code.
+
+    `blocked` says why the engine cannot run here (reason, remedy); every line that needs its
+    namespaces is then refused with it.
+    """
+    from .confine import namespaces
+
+    mech = _NS_MECH[engine]
     abi = probe.landlock_abi
+    ops = None
+    setup = None
+    if engine == "bwrap" and blocked is None:
+        ops = _mount_ops(policy)  # the shim's interpreter and directory depend on them
+        setup, blocked = _bwrap_setup(probe, ops)
+    ns_mechs = set(mech.values())
     lines: list[ReportLine] = []
-    ns_reason = ns_remedy = ""
-    if missing:
-        ns_reason = f"{missing[0].name}: {missing[0].reason}"
-        ns_remedy = missing[0].remedy or "use --engine landlock"
 
     def add(restriction: str, requested: str, cands: list[_Candidate], reason: str = "",
             remedy: str = "") -> None:
-        if missing and cands and cands[0].mechanism.startswith(("mount", "network n", "pid",
-                                                                "ipc", "user")):
-            cands, reason, remedy = [], ns_reason, ns_remedy
+        if blocked is not None and cands and cands[0].mechanism in ns_mechs:
+            cands, reason, remedy = [], blocked[0], blocked[1] or "use --engine landlock"
         lines.append(_status(restriction, requested, cands, weaker, reason, remedy))
 
-    fs = policy.filesystem
-    add("filesystem", _fs_requested(policy),
-        [_meaning("filesystem", "allow-list", "mount namespace")])
+    if engine == "bwrap" and abi < 1:
+        ll = probe.fact("landlock")
+        add("filesystem", _fs_requested(policy),
+            [_meaning("filesystem", "allow-list", mech["fs_no_exec"])],
+            "without Landlock nothing enforces exec: bubblewrap cannot mount noexec"
+            + (f" ({ll.reason})" if ll.reason else ""),
+            ll.remedy or "use a kernel with Landlock (Linux 5.13 or newer)")
+    else:
+        add("filesystem", _fs_requested(policy), [_meaning("filesystem", "allow-list",
+                                                           mech["fs"])])
 
     net = policy.network
     own_netns = net.mode in ("none", "loopback")
     if own_netns:
-        add("network", _net_requested(policy),
-            [_meaning("network", net.mode, "network namespace")])
+        add("network", _net_requested(policy), [_meaning("network", net.mode, mech["net"])])
     else:
         _shared_network(policy, probe, add)
 
-    add("processes", policy.processes, [_meaning("processes", policy.processes,
-                                                 "pid namespace")])
+    add("processes", policy.processes, [_meaning("processes", policy.processes, mech["pid"])])
 
     abstract_scoped = False
     if policy.ipc == "isolated":
         if own_netns:
-            add("ipc", "isolated", [_meaning("ipc", "isolated", "ipc + network namespaces")])
+            add("ipc", "isolated", [_meaning("ipc", "isolated", mech["ipc"])])
         elif abi >= 6:
             abstract_scoped = True
-            add("ipc", "isolated", [_meaning("ipc", "isolated", "ipc namespace + landlock")])
+            add("ipc", "isolated", [_meaning("ipc", "isolated", mech["ipc_ll"])])
         else:
             add("ipc", "isolated", [], "with a shared network, abstract Unix sockets can only "
                 "be isolated by Landlock ABI 6 (Linux 6.12)", "use Linux 6.12 or newer")
@@ -439,29 +539,28 @@ def _plan_native(policy: Policy, probe: HostProbe, weaker: frozenset[str], calle
         add("ipc", "host", [_meaning("ipc", "host", "none")])
 
     sealed = own_netns or abstract_scoped
-    mech = "mount namespace" if sealed else "mount namespace, shared network"
-    _grants(policy, add, {"display": _meaning("display", "none", mech),
-                          "dbus": _meaning("dbus", "none", mech),
-                          "devices": _meaning("devices", "none", "mount namespace")},
+    grant = mech["mnt"] if sealed else mech["mnt_shared"]
+    _grants(policy, add, {"display": _meaning("display", "none", grant),
+                          "dbus": _meaning("dbus", "none", grant),
+                          "devices": _meaning("devices", "none", mech["mnt"])},
             "with a shared network and ipc = host, abstract sockets stay reachable",
             "set ipc = isolated or network = none")
 
     _syscalls(policy, lines, weaker, probe)
-    add("privileges", "none", [_meaning("privileges", "none",
-                                        "user namespace + capabilities + no_new_privs + setsid")])
-    rlimits = _resources(policy, lines, weaker, tmp_mechanism="tmpfs")
+    add("privileges", "none", [_meaning("privileges", "none", mech["priv"])])
+    tmp_mech = "tmpfs"
+    if engine == "bwrap":
+        tmp_mech = "bwrap --size" if setup is None or setup.tmpfs_size else "bwrap without --size"
+    rlimits = _resources(policy, lines, weaker, tmp_mechanism=tmp_mech)
     _environment(policy, lines, weaker)
-    _lifetime(policy, add, "pid namespace")
+    _lifetime(policy, add, mech["life"])
 
-    report = Report("native", tuple(lines))
+    report = Report(engine, tuple(lines))
     if report.refused:
         raise CannotEnforce(report)
 
-    try:
-        ops = mounts.plan_mounts(fs, tmp_size=policy.resources.tmp_size)
-    except mounts.MountError as exc:
-        raise PolicyError(exc.detail if hasattr(exc, "detail") else str(exc),
-                          source=policy.name, key="filesystem") from None
+    if ops is None:
+        ops = _mount_ops(policy)
     flags = (namespaces.CLONE_NEWUSER | namespaces.CLONE_NEWNS | namespaces.CLONE_NEWPID
              | namespaces.CLONE_NEWUTS | namespaces.CLONE_NEWCGROUP)
     if own_netns:
@@ -469,19 +568,28 @@ def _plan_native(policy: Policy, probe: HostProbe, weaker: frozenset[str], calle
     if policy.ipc == "isolated":
         flags |= namespaces.CLONE_NEWIPC
 
+    fs_rights, net_rights, scopes = landlock.rights_for_abi(abi)
+    handled_net = landlock.AccessNet(0)
+    net_rules: tuple[landlock.NetRule, ...] = ()
+    if not own_netns and net.mode == "tcp-connect":
+        handled_net = net_rights
+        net_rules = tuple(landlock.NetRule(p, landlock.AccessNet.CONNECT_TCP & net_rights)
+                          for p in net.ports)
+    scoped = landlock.Scope.ABSTRACT_UNIX_SOCKET & scopes if abstract_scoped else landlock.Scope(0)
     ruleset = None
-    if not own_netns and (net.mode == "tcp-connect" or abstract_scoped):
-        _, net_rights, scopes = landlock.rights_for_abi(abi)
-        handled_net = net_rights if net.mode == "tcp-connect" else landlock.AccessNet(0)
-        ruleset = landlock.RulesetSpec(
-            landlock.AccessFs(0), handled_net,
-            landlock.Scope.ABSTRACT_UNIX_SOCKET & scopes if abstract_scoped else landlock.Scope(0),
-            (), tuple(landlock.NetRule(p, landlock.AccessNet.CONNECT_TCP & net_rights)
-                      for p in net.ports))
+    if engine == "bwrap" and abi >= 1:
+        from .engines import bwrap
+
+        # The shim's Landlock domain: exec (which bubblewrap cannot mount away) and writes
+        # only where the mounts allow them, as paths inside the sandbox.
+        ruleset = landlock.RulesetSpec(fs_rights, handled_net, scoped,
+                                       tuple(bwrap.landlock_rules(ops, fs_rights)), net_rules)
+    elif handled_net or scoped:
+        ruleset = landlock.RulesetSpec(landlock.AccessFs(0), handled_net, scoped, (), net_rules)
     seccomp = _syscall_policy(policy, native=True)
     host_uid, host_gid = (uid, gid) if caller_uid == 0 else (caller_uid, os.getegid())
     return Plan(
-        engine="native",
+        engine=engine,
         policy=policy,
         report=report,
         landlock=ruleset,
@@ -498,7 +606,40 @@ def _plan_native(policy: Policy, probe: HostProbe, weaker: frozenset[str], calle
         loopback=own_netns,
         inside_uid=host_uid,
         inside_gid=host_gid,
+        bwrap=setup,
     )
+
+
+def _mount_ops(policy: Policy) -> list[Any]:
+    from .confine import mounts
+
+    try:
+        return mounts.plan_mounts(policy.filesystem, tmp_size=policy.resources.tmp_size)
+    except mounts.MountError as exc:
+        raise PolicyError(exc.detail if hasattr(exc, "detail") else str(exc),
+                          source=policy.name, key="filesystem") from None
+
+
+def _bwrap_setup(probe: HostProbe, ops: list[Any]
+                 ) -> tuple[BwrapSetup | None, tuple[str, str | None] | None]:
+    """The bwrap engine's setup for these mounts, or why there is none (reason, remedy)."""
+    from .engines import bwrap
+
+    found = bwrap.from_fact(probe.fact("bwrap").detail)
+    if found is None:
+        return None, ("bwrap: the probe does not say where bwrap is or which version it is",
+                      "probe the host again (sandspawn doctor)")
+    path, version, setuid = found
+    python = bwrap.find_python(ops)
+    if python is None:
+        return None, ("the bwrap engine runs its shim with python3 inside the sandbox, but the "
+                      f"policy shows none of {', '.join(bwrap.SHIM_PYTHONS)}",
+                      "grant /usr (exec) in the policy, or use another engine")
+    root = bwrap.find_shim_root(ops)
+    if root is None:
+        return None, (f"the policy's paths cover all of {', '.join(bwrap.SHIM_ROOTS)}, where "
+                      "the bwrap engine binds its shim", "use another engine")
+    return bwrap.BwrapSetup(path, version, setuid, python, root), None
 
 
 _DEV_NODES = (("/dev/null", "rw"), ("/dev/zero", "rw"), ("/dev/full", "rw"),

@@ -39,6 +39,17 @@ TABLE: tuple[Meaning, ...] = (
     _M("filesystem", "allow-list", "landlock (ABI < 3)", False,
        "As with Landlock, except that files in read-only paths can still be truncated "
        "(truncate() is only controlled from Landlock ABI 3, Linux 6.2)."),
+    _M("filesystem", "allow-list", "bwrap mount namespace + landlock", True,
+       "Only the listed paths exist (bubblewrap binds them into an empty root; every other path "
+       "does not exist); ro paths are read-only (EROFS) and rw paths writable, while the root, "
+       "/dev and /proc/sys are read-only; /tmp is an empty private tmpfs. A Landlock domain "
+       "applied by the shim allows execution only below exec paths and, unless a path is bound "
+       "below them, /tmp and /dev/shm (EACCES elsewhere: bubblewrap cannot mount noexec), and "
+       "denies writes outside rw paths, /tmp, /dev/shm, /proc and the writable device nodes."),
+    _M("filesystem", "allow-list", "bwrap mount namespace", False,
+       "Only the listed paths exist, read-only or writable as declared, and /tmp is an empty "
+       "private tmpfs; but exec is not enforced: bubblewrap cannot mount noexec and without "
+       "Landlock any file the sandbox can read can be executed."),
     # --- network --------------------------------------------------------------------------------
     _M("network", "none", "network namespace", True,
        "Only a loopback interface private to the sandbox exists; any other address is "
@@ -54,6 +65,12 @@ TABLE: tuple[Meaning, ...] = (
     _M("network", "loopback", "network namespace", True,
        "Only a loopback interface private to the sandbox exists: 127.0.0.1 there is not the "
        "host's, and no other address is reachable."),
+    _M("network", "none", "bwrap network namespace", True,
+       "Only a loopback interface private to the sandbox exists (bubblewrap --unshare-net); any "
+       "other address is unreachable."),
+    _M("network", "loopback", "bwrap network namespace", True,
+       "Only a loopback interface private to the sandbox exists (bubblewrap --unshare-net): "
+       "127.0.0.1 there is not the host's, and no other address is reachable."),
     _M("network", "loopback", "none", False,
        "Not restricted: without a network namespace the host's network, including every "
        "address, is reachable."),
@@ -75,6 +92,14 @@ TABLE: tuple[Meaning, ...] = (
     _M("processes", "visible", "pid namespace", True,
        "Stricter than asked: the namespace engine always gives the sandbox its own process "
        "tree, so host processes are neither visible nor reachable."),
+    _M("processes", "isolated", "bwrap pid namespace", True,
+       "The sandbox has its own process tree (bubblewrap --unshare-pid): only its own processes "
+       "are visible in /proc and can be signalled; bubblewrap's pid 1 reaps orphans but forwards "
+       "no signal (terminate() signals the payload itself); killing the sandbox kills every "
+       "process in it."),
+    _M("processes", "visible", "bwrap pid namespace", True,
+       "Stricter than asked: the bubblewrap engine always gives the sandbox its own process "
+       "tree, so host processes are neither visible nor reachable."),
     _M("processes", "visible", "none", True,
        "Not restricted: host processes are visible and can be signalled as the uid allows."),
     # --- ipc ------------------------------------------------------------------------------------
@@ -90,6 +115,15 @@ TABLE: tuple[Meaning, ...] = (
        "sandbox are unreachable (Landlock scope: EPERM) although the network is shared; host "
        "Unix sockets exist only where their paths are bound in."),
     _M("ipc", "host", "none", True, "Not restricted: host IPC and Unix sockets are reachable."),
+    _M("ipc", "isolated", "bwrap ipc + network namespaces", True,
+       "System V IPC and POSIX message queues are private (bubblewrap --unshare-ipc); abstract "
+       "Unix sockets are private to the sandbox (--unshare-net); host Unix sockets exist only "
+       "where their paths are bound in."),
+    _M("ipc", "isolated", "bwrap ipc namespace + landlock", True,
+       "System V IPC and POSIX message queues are private (bubblewrap --unshare-ipc); abstract "
+       "Unix sockets outside the sandbox are unreachable (Landlock scope applied by the shim: "
+       "EPERM) although the network is shared; host Unix sockets exist only where their paths "
+       "are bound in."),
     # --- display / dbus / devices -----------------------------------------------------------
     _M("display", "none", "mount namespace", True,
        "No display socket exists in the sandbox and DISPLAY/WAYLAND_DISPLAY are not set."),
@@ -119,6 +153,20 @@ TABLE: tuple[Meaning, ...] = (
     _M("devices", "none", "landlock", True,
        "Only /dev/null, /dev/zero, /dev/full (read-write), /dev/random, /dev/urandom (read-only) "
        "and /dev/tty are accessible; every other device node fails with EACCES."),
+    _M("display", "none", "bwrap mount namespace", True,
+       "No display socket exists in the sandbox and DISPLAY/WAYLAND_DISPLAY are not set."),
+    _M("display", "none", "bwrap mount namespace, shared network", False,
+       "No display socket path exists in the sandbox and DISPLAY/WAYLAND_DISPLAY are not set, "
+       "but the host's abstract X11 socket is reachable through the shared network namespace."),
+    _M("dbus", "none", "bwrap mount namespace", True,
+       "No D-Bus socket exists in the sandbox and DBUS_SESSION_BUS_ADDRESS is not set."),
+    _M("dbus", "none", "bwrap mount namespace, shared network", False,
+       "No bus socket path exists in the sandbox and DBUS_SESSION_BUS_ADDRESS is not set, but a "
+       "bus listening on an abstract socket is reachable through the shared network namespace."),
+    _M("devices", "none", "bwrap mount namespace", True,
+       "/dev (bubblewrap --dev, then read-only) holds only null, zero, full, random, urandom, "
+       "tty, a private devpts, a private /dev/shm and the symlinks ptmx, fd, stdin, stdout, "
+       "stderr and core (-> /proc/kcore, which only a privileged process could read)."),
     # --- syscalls -------------------------------------------------------------------------------
     _M("syscalls", "default", "seccomp", True,
        "Kernel attack surface is denied with EPERM: keyrings, mount/unshare/setns/pivot_root/"
@@ -143,6 +191,13 @@ TABLE: tuple[Meaning, ...] = (
        "permitted, inheritable, ambient and bounding sets are empty; every mount is nosuid and "
        "no_new_privs is set, so setuid binaries gain nothing; it runs in a new session without "
        "a controlling terminal."),
+    _M("privileges", "none", "bwrap user namespace + capabilities + no_new_privs + setsid", True,
+       "The payload runs in bubblewrap's user namespace as an unprivileged uid: bubblewrap itself "
+       "is started as that uid, so a root caller's payload is host uid 65534, never host root. "
+       "Every capability is dropped (bubblewrap --cap-drop ALL, then the shim): effective, "
+       "permitted, inheritable, ambient and bounding sets are empty; every mount is nosuid and "
+       "no_new_privs is set, so setuid binaries gain nothing; it runs in a new session without "
+       "a controlling terminal (--new-session)."),
     # --- resources ------------------------------------------------------------------------------
     _M("resources", "cpu_time", "rlimit", True,
        "RLIMIT_CPU: each process is sent SIGXCPU, then SIGKILL, after N seconds of CPU time."),
@@ -156,9 +211,25 @@ TABLE: tuple[Meaning, ...] = (
     _M("resources", "pids", "rlimit", False,
        "RLIMIT_NPROC: fork fails with EAGAIN once the payload's uid has N processes on the "
        "whole host, counting processes outside the sandbox."),
+    _M("resources", "memory", "cgroup", True,
+       "memory.max of the sandbox's own cgroup v2: all its processes together, with the page "
+       "cache and tmpfs files they write, hold at most N bytes and cannot swap; beyond that "
+       "the kernel reclaims, then the OOM killer kills the whole sandbox (memory.oom.group) "
+       "and the result says it was OOM-killed."),
+    _M("resources", "pids", "cgroup", True,
+       "pids.max of the sandbox's own cgroup v2: at most N processes and threads of the sandbox "
+       "exist at once; fork and clone beyond fail with EAGAIN; nothing outside the sandbox "
+       "counts."),
     _M("resources", "tmp_size", "tmpfs", True,
        "The private /tmp and /dev/shm tmpfs each hold at most N bytes; writing beyond fails "
        "with ENOSPC."),
+    _M("resources", "tmp_size", "bwrap --size", True,
+       "The private /tmp and /dev/shm tmpfs each hold at most N bytes (bubblewrap --size); "
+       "writing beyond fails with ENOSPC."),
+    _M("resources", "tmp_size", "bwrap without --size", False,
+       "Not limited: this bubblewrap cannot size a tmpfs (--size needs bubblewrap 0.7.0 and is "
+       "refused when bwrap is setuid), so the private /tmp and /dev/shm can grow until memory "
+       "runs out."),
     _M("resources", "tmp_size", "none", False,
        "Not limited: the private temporary directory lives on the host filesystem."),
     _M("resources", "unlimited", "none", True, "No limits were requested."),
@@ -174,6 +245,10 @@ TABLE: tuple[Meaning, ...] = (
     _M("lifetime", "die-with-caller", "pid namespace", True,
        "The whole sandbox (every process in its pid namespace) is killed when its caller exits, "
        "even by SIGKILL, and on timeout or kill()."),
+    _M("lifetime", "die-with-caller", "bwrap --die-with-parent + pid namespace", True,
+       "The whole sandbox (every process in its pid namespace) is killed when its caller exits, "
+       "even by SIGKILL (bubblewrap and its pid 1 die with their parent: --die-with-parent), and "
+       "on timeout or kill() (SIGKILL to its pid 1 ends the pid namespace)."),
 )
 
 
