@@ -182,8 +182,9 @@ def test_caller_sigkill_kills_every_sandbox(engine: str) -> None:
                               cwd="/")
     assert caller.stdout is not None
     payload, zyg = (int(x) for x in caller.stdout.readline().split())
-    group = [int(p) for p in os.listdir("/proc") if p.isdigit() and _pgid(int(p)) == payload]
-    assert payload in group and len(group) >= 2  # sh and its sleepers (pgid = the payload)
+    pgid = _pgid(payload)
+    group = [int(p) for p in os.listdir("/proc") if p.isdigit() and _pgid(int(p)) == pgid]
+    assert payload in group and len(group) >= 3  # sh and its sleepers, with their parent
     caller.kill()
     caller.wait()
     deadline = time.monotonic() + 1.0

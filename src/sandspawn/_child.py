@@ -1,16 +1,32 @@
 """The child side of a spawn: runs in a child forked in advance by the single-threaded zygote.
 
-`warm_main` applies the policy's restrictions in a fixed order as soon as the child is forked,
-then waits for the exec request and execs the payload. Each step that fails is reported to the
-zygote as "step\\0errno\\0detail" and the child exits 127; a successful execve closes the
-socket (close-on-exec), which is how the zygote knows the payload started.
+A pre-forked child applies the policy's restrictions as soon as it is forked (`warm_main` for
+the landlock engine; `native_warm_main` builds a namespace sandbox and does this in its pid 1),
+then waits for one request on its socket to the zygote and starts the payload as its own child
+with posix_spawn (a vfork: no copy of this Python process is made, or torn down at execve).
+
+The request's first fd is the zygote's end of the caller's status socket: this child tells the
+caller itself, which saves a hop through the zygote each way. JSON messages, with SCM_RIGHTS:
+
+    to the caller:  {"started": host_pid} + the payload's pidfd   (when it knows the host pid)
+                    {"exit": wait_status}                          when the payload exits
+    to the zygote:  {"started": told} + the payload's pidfd        if not told, the zygote
+                        reads the host pid from the pidfd, tells the caller, and acks (one byte)
+                    {"exit": wait_status}                          after telling the caller
+                    {"error": [step, errno, detail]}               a step failed: nothing ran
+
+Pid 1 of a namespace sandbox cannot know the payload's pid in the zygote's pid namespace, so
+it takes the zygote's way for "started".
 """
 
 from __future__ import annotations
 
+import errno
 import gc
+import json
 import os
 import signal
+import socket
 from typing import Any, NoReturn
 
 from .confine import _libc, caps, landlock, rlimits, seccomp
@@ -18,6 +34,10 @@ from .confine import _libc, caps, landlock, rlimits, seccomp
 # Dispositions Python changes at start-up (SIGPIPE, SIGXFSZ ignored) or the zygote sets (SIGCHLD).
 _RESET_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD, signal.SIGINT, signal.SIGTERM,
                   signal.SIGHUP)
+MAX_REQUEST = 1 << 20
+MAX_FDS = 253  # SCM_MAX_FD (include/net/scm.h)
+_CLOSE_RANGE_CLOEXEC = 1 << 2  # include/uapi/linux/close_range.h, Linux 5.11
+_FD_LAST = 0xFFFFFFFF
 
 
 class HostCaps:
@@ -88,8 +108,15 @@ def _chdir(path: str, fallback: bool) -> None:
         os.chdir("/")
 
 
+def _kill_own_group(*_: object) -> None:
+    os.killpg(0, signal.SIGKILL)
+
+
 def _die_with_parent(parent: int) -> None:
-    _libc.prctl(_libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+    """SIGTERM when the zygote dies, and on SIGTERM kill our process group: the payload is our
+    child, and a child of ours gets no PR_SET_PDEATHSIG of its own from posix_spawn."""
+    signal.signal(signal.SIGTERM, _kill_own_group)
+    _libc.prctl(_libc.PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != parent:  # the zygote died between fork and prctl
         raise OSError(0, "parent exited before PR_SET_PDEATHSIG took effect")
 
@@ -106,16 +133,16 @@ def _fresh_child(sock_fd: int) -> None:
     signal.pthread_sigmask(signal.SIG_SETMASK, ())
 
 
-def _session_and_limits(spec: dict[str, Any]) -> None:
-    _step("setsid", os.setsid)
-    _step("rlimits", rlimits.apply, [tuple(x) for x in spec["rlimits"]])
-
-
 def _lock_down(spec: dict[str, Any], bpf: bytes | None) -> None:
-    """The last layers, in this order: capabilities → no_new_privs → Landlock → seccomp."""
+    """The last layers, in this order: capabilities → no_new_privs → Landlock → seccomp.
+
+    Also non-dumpable: the payload runs as our uid in our Landlock domain, and must not be able
+    to take this process over through /proc/<pid>/mem (ptrace access checks fail on a
+    non-dumpable process without CAP_SYS_PTRACE, kernel/ptrace.c, Linux 6.18)."""
     _step("drop capabilities", caps.clear_ambient)
     _step("drop capabilities", caps.clear_all_sets)
     _step("no_new_privs", _libc.set_no_new_privs)
+    _step("non-dumpable", _libc.prctl, _libc.PR_SET_DUMPABLE, 0)
     if spec.get("landlock") is not None:
         _step("landlock", landlock.apply, landlock.RulesetSpec.from_json(spec["landlock"]))
     if bpf is not None:
@@ -123,13 +150,140 @@ def _lock_down(spec: dict[str, Any], bpf: bytes | None) -> None:
 
 
 def specialize(spec: dict[str, Any], bpf: bytes | None, parent: int, host: HostCaps) -> None:
-    """Apply every policy-dependent restriction; raises _StepFailed. Runs before the request."""
-    _session_and_limits(spec)
+    """Apply every policy-dependent restriction but the rlimits, which are set right before the
+    payload starts (they would also limit this process). Raises _StepFailed."""
+    _step("setsid", os.setsid)
     if spec.get("uid") is not None:
         _step("set uid/gid", _drop_identity, spec["uid"], spec["gid"], host)
     # After the uid change (which clears it): die with the zygote.
     _step("die with parent", _die_with_parent, parent)
     _lock_down(spec, bpf)
+
+
+def _recv_request(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
+    """The exec request and its fds (close-on-exec here); (None, []) when the zygote retires us."""
+    data, anc, _flags, _addr = sock.recvmsg(
+        MAX_REQUEST, socket.CMSG_SPACE(MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC)
+    fds: list[int] = []
+    for level, kind, blob in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(blob) - len(blob) % 4
+            fds.extend(int.from_bytes(blob[i:i + 4], "little", signed=True)
+                       for i in range(0, usable, 4))
+    if not data:
+        for fd in fds:
+            os.close(fd)
+        return None, []
+    return json.loads(data), fds
+
+
+def _send(sock: socket.socket, msg: dict[str, Any], fds: list[int] | None = None) -> None:
+    socket.send_fds(sock, [json.dumps(msg).encode()], fds or [])
+
+
+def start_payload(sock: socket.socket, status: socket.socket, req: dict[str, Any],
+                  fds: list[int], limits: list[tuple[str, int]], host_pids: bool) -> int:
+    """Start the payload as our child and say so; returns its pid once it has exec'd.
+
+    The payload gets exactly the fds of the request's fd map. With an address-space limit it
+    is forked instead of vforked: posix_spawn allocates a stack in this process, which the
+    limit may already forbid. `host_pids`: our pid namespace is the zygote's.
+    """
+    if any(name == "RLIMIT_AS" for name, _ in limits):
+        pid = _fork_exec(req, fds, limits)
+    else:
+        pid = _posix_spawn(req, fds, limits)
+    try:
+        pidfd = os.pidfd_open(pid)
+        if host_pids:
+            # The zygote first: once the caller knows, it may kill us, and the zygote must
+            # then know that the payload had started.
+            _send(sock, {"started": True})
+            _send(status, {"started": pid}, [pidfd])
+        else:
+            _send(sock, {"started": False}, [pidfd])
+            # Stay away from waitpid until the zygote has read the payload's host pid from
+            # the pidfd: once reaped, it no longer tells (fs/pidfs.c pidfd_show_fdinfo).
+            sock.recv(1)
+        os.close(pidfd)
+    except BaseException:
+        os.killpg(0, signal.SIGKILL)  # never leave a payload running unobserved
+        raise
+    return pid
+
+
+def _report_exit(sock: socket.socket, status: socket.socket, wait_status: int) -> None:
+    try:
+        _send(status, {"exit": wait_status})
+    except OSError:
+        pass  # the caller went away: the zygote still wants to know
+    _send(sock, {"exit": wait_status})
+
+
+def _recv_assignment(sock: socket.socket) -> tuple[socket.socket, dict[str, Any], list[int]]:
+    """The request, with the caller's status socket split off its fds; at EOF (the zygote
+    retires us before use) this process exits."""
+    req, fds = _recv_request(sock)
+    if req is None or not fds:
+        os._exit(0)
+    return socket.socket(fileno=fds[0]), req, fds[1:]
+
+
+def _posix_spawn(req: dict[str, Any], fds: list[int], limits: list[tuple[str, int]]) -> int:
+    fd_map = [(fds[i], target) for i, target in req["fds"]]
+    targets = {t for _, t in fd_map}
+    top = max(targets | {2}) + 1
+    # Lift every source above all targets, so no dup2 overwrites a source still needed.
+    lifted = [(_step("close fds", _dupfd_above, src, top), dst) for src, dst in fd_map]
+    for fd in fds:
+        os.close(fd)
+    # The payload inherits exactly the targets: everything of ours from 3 up is close-on-exec
+    # (close_range(2) CLOSE_RANGE_CLOEXEC, Linux 5.11), our own stdio is replaced or closed.
+    _step("close fds", _libc.syscall, "close_range", 3, _FD_LAST, _CLOSE_RANGE_CLOEXEC)
+    actions: list[tuple[int, ...]] = [(os.POSIX_SPAWN_DUP2, src, dst) for src, dst in lifted]
+    actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in (0, 1, 2) if fd not in targets]
+    try:
+        if req.get("cwd"):
+            _step("chdir", _chdir, req["cwd"], req.get("cwd_fallback", False))
+        _step("rlimits", rlimits.apply, limits)
+        try:
+            return os.posix_spawn(req["executable"], req["argv"], req["env"],
+                                  file_actions=actions, setsigmask=(), setsigdef=_RESET_SIGNALS)
+        except OSError as exc:
+            raise _StepFailed("execve", exc.errno or 0, str(exc)) from None
+    finally:
+        for src, _ in lifted:  # the payload's copies only: a pipe must end when it closes it
+            os.close(src)
+
+
+def _fork_exec(req: dict[str, Any], fds: list[int], limits: list[tuple[str, int]]) -> int:
+    r, w = os.pipe()  # close-on-exec: EOF at the payload's execve
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            _libc.prctl(_libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, ())  # pid 1 blocks the ones it waits on
+            _step("rlimits", rlimits.apply, limits)
+        except _StepFailed as exc:
+            _report(w, exc.step, exc.err, exc.detail)
+            os._exit(127)
+        except BaseException as exc:
+            _report(w, "internal", 0, f"{type(exc).__name__}: {exc}")
+            os._exit(127)
+        execute(req, fds, w)
+    os.close(w)
+    for fd in fds:
+        os.close(fd)
+    report = b""
+    while chunk := os.read(r, 4096):
+        report += chunk
+    os.close(r)
+    if report:
+        os.waitpid(pid, 0)
+        step, err, detail = report.decode(errors="replace").split("\0", 2)
+        raise _StepFailed(step, int(err), detail)
+    return pid
 
 
 def execute(req: dict[str, Any], fds: list[int], errfd: int) -> NoReturn:
@@ -148,35 +302,6 @@ def execute(req: dict[str, Any], fds: list[int], errfd: int) -> NoReturn:
     os._exit(127)
 
 
-def warm_main(sock_fd: int, spec: dict[str, Any], bpf: bytes | None, parent: int,
-              host: HostCaps) -> NoReturn:
-    """A pre-forked child: specialise for `spec` at once, then wait for one exec request.
-
-    The request (argv, env, cwd, fd map, with the fds as SCM_RIGHTS) arrives on `sock_fd`; the
-    same socket carries a failure report back, and closes on a successful execve (it is
-    close-on-exec), which is how the zygote knows the payload started. Every restriction is in
-    place before the request is read.
-    """
-    import json
-    import socket
-
-    gc.disable()  # a short-lived child: collecting would only copy the zygote's pages
-    try:
-        _fresh_child(sock_fd)
-        specialize(spec, bpf, parent, host)
-        sock = socket.socket(fileno=sock_fd)
-        data, fds, _flags, _addr = socket.recv_fds(sock, 1 << 20, 253)
-        if not data:
-            os._exit(0)  # the zygote retired us
-        sock.detach()
-        execute(json.loads(data), fds, sock_fd)
-    except _StepFailed as exc:
-        _report(sock_fd, exc.step, exc.err, exc.detail)
-    except BaseException as exc:  # any bug must still be reported, never run the payload
-        _report(sock_fd, "internal", 0, f"{type(exc).__name__}: {exc}")
-    os._exit(127)
-
-
 def _report(errfd: int, step: str, err: int, detail: str) -> None:
     try:
         os.write(errfd, f"{step}\0{err}\0{detail}".encode(errors="replace")[:4000])
@@ -184,13 +309,55 @@ def _report(errfd: int, step: str, err: int, detail: str) -> None:
         pass
 
 
+def _send_error(sock_fd: int, exc: BaseException) -> None:
+    if isinstance(exc, _StepFailed):
+        msg = [exc.step, exc.err, exc.detail]
+    elif isinstance(exc, OSError):
+        msg = [getattr(exc, "step", "internal"), exc.errno or 0, str(exc)]
+    else:  # any bug must still be reported, never run the payload
+        msg = ["internal", 0, f"{type(exc).__name__}: {exc}"]
+    try:
+        os.write(sock_fd, json.dumps({"error": msg}).encode()[:MAX_REQUEST])
+    except OSError:
+        pass
+
+
+def _limits(spec: dict[str, Any]) -> list[tuple[str, int]]:
+    return [(str(name), int(value)) for name, value in spec["rlimits"]]
+
+
+def warm_main(sock_fd: int, spec: dict[str, Any], bpf: bytes | None, parent: int,
+              host: HostCaps) -> NoReturn:
+    """A pre-forked child of the landlock engine: restricted at once, then one request.
+
+    Every restriction is in place before the request is read. The payload joins our session
+    and process group, which is what the zygote kills.
+    """
+    gc.disable()  # a short-lived child: collecting would only copy the zygote's pages
+    try:
+        _fresh_child(sock_fd)
+        specialize(spec, bpf, parent, host)
+        sock = socket.socket(fileno=sock_fd)
+        status, req, fds = _recv_assignment(sock)
+        payload = start_payload(sock, status, req, fds, _limits(spec), host_pids=True)
+    except BaseException as exc:
+        _send_error(sock_fd, exc)
+        os._exit(127)
+    try:
+        _, wait_status = os.waitpid(payload, 0)
+        _report_exit(sock, status, wait_status)
+    except BaseException:
+        os.killpg(0, signal.SIGKILL)
+    os._exit(0)
+
+
 def native_warm_main(sock_fd: int, spec: dict[str, Any], bpf: bytes | None, parent: int,
                      host: HostCaps) -> NoReturn:
-    """A pre-forked namespace sandbox: builds it at once, then waits for one exec request.
+    """A pre-forked namespace sandbox: builds it at once, then waits for one request.
 
     This process enters the namespaces and stays outside the new pid namespace as a waiter
-    that mirrors the payload's exit status (namespaces.fork_init); pid 1 reaps and forwards
-    signals; pid 2 builds the root, drops everything, reports "ready" and waits on `sock_fd`.
+    that mirrors pid 1's exit status (namespaces.fork_init); pid 1 builds the root, drops
+    everything, starts the payload as pid 2 on request, reaps, and reports its exit.
     """
     from .confine import namespaces
 
@@ -198,15 +365,17 @@ def native_warm_main(sock_fd: int, spec: dict[str, Any], bpf: bytes | None, pare
     try:
         _fresh_child(sock_fd)
         _step("user namespace", _enter_namespaces, spec)
-        # After the uid change (which clears it): die with the zygote.
-        _step("die with parent", _die_with_parent, parent)
-        namespaces.fork_init(lambda: _native_payload(sock_fd, spec, bpf, host))
-    except _StepFailed as exc:
-        _report(sock_fd, exc.step, exc.err, exc.detail)
-    except OSError as exc:
-        _report(sock_fd, getattr(exc, "step", "namespaces"), exc.errno or 0, str(exc))
-    except BaseException as exc:  # any bug must still be reported, never run the payload
-        _report(sock_fd, "internal", 0, f"{type(exc).__name__}: {exc}")
+        # After the uid change (which clears it): die with the zygote. The waiter has no
+        # payload of its own: SIGKILL, and pid 1 follows (its PDEATHSIG is on the waiter).
+        _step("die with parent", _libc.prctl, _libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:
+            raise _StepFailed("die with parent", errno.ESRCH, "the zygote exited")
+        sock = socket.socket(fileno=sock_fd)
+        status: list[socket.socket] = []  # pid 1's copy of the caller's status socket
+        namespaces.fork_init(start=lambda: _native_pid1(sock, status, spec, bpf, host),
+                             on_exit=lambda st: _report_exit(sock, status[0], st))
+    except BaseException as exc:
+        _send_error(sock_fd, exc)
     os._exit(127)
 
 
@@ -218,13 +387,11 @@ def _enter_namespaces(spec: dict[str, Any]) -> None:
         host_gid=spec["gid"], other_flags=spec["namespaces"] & ~namespaces.CLONE_NEWUSER)
 
 
-def _native_payload(sock_fd: int, spec: dict[str, Any], bpf: bytes | None,
-                    host: HostCaps) -> NoReturn:
-    """Pid 2: mounts → hostname → loopback → setsid → rlimits → capabilities → no_new_privs →
-    Landlock → seccomp, then "ready", then the exec request."""
-    import json
-    import socket
-
+def _native_pid1(sock: socket.socket, status: list[socket.socket], spec: dict[str, Any],
+                 bpf: bytes | None, host: HostCaps) -> int:
+    """Pid 1: mounts → hostname → loopback → setsid → capabilities → no_new_privs → Landlock →
+    seccomp, then the request; returns the payload's pid (pid 2). On failure it reports and
+    exits, and the waiter exits as it did."""
     from .confine import loopback, mounts, namespaces
 
     try:
@@ -236,20 +403,14 @@ def _native_payload(sock_fd: int, spec: dict[str, Any], bpf: bytes | None,
             _step("sethostname", namespaces.sethostname, spec["hostname"])
         if spec.get("loopback"):
             _step("loopback", loopback.bring_up_loopback)
-        _session_and_limits(spec)
+        _step("setsid", os.setsid)
         # Inside the user namespace we hold every capability: drop them all, bounding set too.
         _step("drop capabilities", caps.drop_bounding_set, host.last_cap)
         _lock_down(spec, bpf)
-        sock = socket.socket(fileno=sock_fd)
-        # The zygote reads our host pid from this message's credentials (SO_PASSCRED).
-        sock.send(b'{"ready": true}')
-        data, fds, _flags, _addr = socket.recv_fds(sock, 1 << 20, 253)
-        if not data:
-            os._exit(0)  # retired before use
-        sock.detach()
-        execute(json.loads(data), fds, sock_fd)
-    except _StepFailed as exc:
-        _report(sock_fd, exc.step, exc.err, exc.detail)
+        assigned = _recv_assignment(sock)
+        status.append(assigned[0])
+        return start_payload(sock, assigned[0], assigned[1], assigned[2], _limits(spec),
+                             host_pids=False)
     except BaseException as exc:
-        _report(sock_fd, "internal", 0, f"{type(exc).__name__}: {exc}")
-    os._exit(127)
+        _send_error(sock.fileno(), exc)
+        os._exit(127)

@@ -2,11 +2,12 @@
 
 Started once per caller process (`python -I -S`, minimal imports). It reads requests from a
 SOCK_SEQPACKET control socket; each spawn request carries a per-spawn status socket and the
-stdio / pass_fds file descriptors (SCM_RIGHTS). It forks one child per request, which applies the
-plan and execs (see _child.py), then reports on the status socket:
+stdio / pass_fds file descriptors (SCM_RIGHTS). For each policy it keeps one child forked and
+restricted in advance (see _child.py); a request goes to that child, which starts the payload
+and reports back. The zygote relays to the status socket:
 
     {"started": pid}  + the payload's pidfd      or      {"error": [step, errno, detail]}
-    {"exit": wait_status}                          when the payload is reaped
+    {"exit": wait_status, "timed_out": bool}       when the payload has exited
 
 and obeys {"kill": true} on that socket (the whole sandbox is killed).
 When the control socket reaches EOF (the caller exited, however it died), the zygote kills every
@@ -33,70 +34,67 @@ from .confine import _libc
 
 MAX_MSG = 1 << 20
 MAX_FDS = 253  # SCM_MAX_FD (include/net/scm.h)
-MAX_WARM = 4  # policies with a pre-forked child waiting
+MAX_WARM = 4  # policies with pre-forked children waiting
+# Children kept ready per policy: with two, back-to-back spawns of one policy find one ready
+# while the next is being forked.
+WARM_PER_POLICY = 2
+# The next child for a policy is forked once the payload exits, or after this long if it runs
+# on: not while a short payload runs, whose exit would wait for the fork.
+PREFORK_DELAY = 0.005
 # What a pre-forked child is specialised for; everything else comes with the exec request.
-_PLAN_KEYS = ("engine", "landlock", "seccomp", "uid", "gid", "rlimits", "private_tmpdir",
+PLAN_KEYS = ("engine", "landlock", "seccomp", "uid", "gid", "rlimits", "private_tmpdir",
               "tmp_access", "namespaces", "mounts", "hostname", "loopback", "inside_uid",
               "inside_gid")
+_REQUEST_KEYS = ("argv", "executable", "cwd", "cwd_fallback", "fds")
 
 
-class _Sandbox:
-    __slots__ = ("pid", "status", "tmpdir", "deadline", "timed_out", "native")
+class _Box:
+    """A pre-forked child: first waiting for its request ("warm"), then a running sandbox."""
 
-    def __init__(self, pid: int, status: socket.socket, tmpdir: str | None,
-                 deadline: float | None, native: bool) -> None:
-        self.pid = pid  # our child: the payload itself, or the namespace sandbox's waiter
-        self.status = status
+    __slots__ = ("pid", "sock", "tmpdir", "native", "status", "deadline", "timed_out",
+                 "started", "told", "reaped", "sock_open", "key")
+
+    def __init__(self, pid: int, sock: socket.socket, tmpdir: str | None, native: bool) -> None:
+        self.pid = pid  # our child: the landlock engine's parent of the payload, or the
+        # namespace sandbox's waiter (outside its pid namespace)
+        self.sock = sock  # to the child (pid 1 of a namespace sandbox)
         self.tmpdir = tmpdir
-        self.deadline = deadline
-        self.timed_out = False
         self.native = native
+        self.status: socket.socket | None = None  # to the caller, once a request is assigned
+        self.deadline: float | None = None
+        self.timed_out = False
+        self.started = False
+        self.told = False  # the caller has its final message (error or exit)
+        self.reaped: int | None = None  # our child's wait status
+        self.sock_open = True
+        self.key = ""  # the policy it was forked for
 
     def kill(self) -> None:
-        """SIGKILL the whole sandbox: its process group, or (with a pid namespace) its
-        waiter, whose death kills pid 1 (PDEATHSIG) and with it the namespace."""
+        """SIGKILL the whole sandbox: the process group of the landlock engine's child and
+        payload, or a namespace sandbox's waiter, whose death kills pid 1 (PDEATHSIG) and
+        with it the namespace."""
         try:
-            if self.native:
-                os.kill(self.pid, signal.SIGKILL)
-            else:
+            if not self.native:
+                # A process group's id is not reused while the group has members.
                 os.killpg(self.pid, signal.SIGKILL)
+            elif self.reaped is None:  # a reaped waiter's pid may belong to a stranger
+                os.kill(self.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
 
 
-class _Warm:
-    """A child forked and restricted in advance for one policy, waiting for its exec request."""
-
-    __slots__ = ("pid", "sock", "tmpdir", "native")
-
-    def __init__(self, pid: int, sock: socket.socket, tmpdir: str | None, native: bool) -> None:
-        self.pid = pid
-        self.sock = sock
-        self.tmpdir = tmpdir
-        self.native = native
-
-
-_CREDS_SPACE = socket.CMSG_SPACE(12)  # struct ucred {pid_t pid; uid_t uid; gid_t gid}
-
-
-def _sender_pid(ancillary: list[tuple[int, int, bytes]]) -> int | None:
-    """The sender's pid, translated by the kernel into our pid namespace (SCM_CREDENTIALS)."""
-    for level, kind, data in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(data) >= 4:
-            return int.from_bytes(data[:4], sys.byteorder, signed=True)
-    return None
-
-
-def _recv(sock: socket.socket) -> tuple[bytes, list[tuple[int, int, bytes]]]:
-    try:
-        data, anc, _flags, _addr = sock.recvmsg(4096, _CREDS_SPACE)
-    except OSError:
-        return b"", []
-    return data, anc
+def _pidfd_pid(pidfd: int) -> int:
+    """The pid a pidfd refers to, in our pid namespace (fs/pidfs.c, "Pid:" in fdinfo; -1 once
+    reaped)."""
+    with open(f"/proc/self/fdinfo/{pidfd}") as f:
+        for line in f:
+            if line.startswith("Pid:"):
+                return int(line.split()[1])
+    return -1
 
 
 def _plan_key(spec: dict[str, Any]) -> str:
-    return json.dumps({k: spec.get(k) for k in _PLAN_KEYS}, sort_keys=True)
+    return json.dumps({k: spec.get(k) for k in PLAN_KEYS}, sort_keys=True)
 
 
 def _waitpid_quiet(pid: int) -> None:
@@ -111,8 +109,9 @@ class Zygote:
         self.control = control
         self.base = base
         self.sel = selectors.DefaultSelector()
-        self.sandboxes: dict[int, _Sandbox] = {}
-        self.warm: dict[str, _Warm] = {}
+        self.boxes: dict[int, _Box] = {}  # every child of ours, warm or running, by pid
+        self.warm: dict[str, list[_Box]] = {}  # most recently used policy last
+        self.wanted: dict[str, tuple[float, dict[str, Any]]] = {}  # key → (when, spec)
         self.bpf_cache: dict[str, bytes] = {}
         self.probe_json: dict[str, Any] | None = None
         self.pid = os.getpid()
@@ -142,17 +141,23 @@ class Zygote:
                         pass
                     self._reap()
                 else:
-                    self._on_status(key.data)
+                    kind, box = key.data
+                    if kind == "child":
+                        self._on_child(box)
+                    else:
+                        self._on_status(box)
             self._expire()
+            self._prefork_due()
 
     def _next_timeout(self) -> float | None:
-        deadlines = [b.deadline for b in self.sandboxes.values()
+        deadlines = [b.deadline for b in self.boxes.values()
                      if b.deadline is not None and not b.timed_out]
+        deadlines += [when for when, _ in self.wanted.values()]
         return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
 
     def _expire(self) -> None:
         now = time.monotonic()
-        for box in self.sandboxes.values():
+        for box in self.boxes.values():
             if box.deadline is not None and not box.timed_out and box.deadline <= now:
                 box.timed_out = True
                 box.kill()
@@ -186,8 +191,10 @@ class Zygote:
                     pass
         return True
 
-    def _send(self, fd_or_sock: int | socket.socket, msg: dict[str, Any],
+    def _send(self, fd_or_sock: int | socket.socket | None, msg: dict[str, Any],
               fds: list[int] | None = None) -> None:
+        if fd_or_sock is None:
+            return
         sock = (fd_or_sock if isinstance(fd_or_sock, socket.socket)
                 else socket.socket(fileno=os.dup(fd_or_sock)))
         try:
@@ -224,90 +231,82 @@ class Zygote:
     def _spawn(self, req: dict[str, Any], fds: list[int]) -> None:
         status = socket.socket(fileno=fds[0])
         spec = req["spec"]
-        key = _plan_key(spec)
-        warm = self.warm.pop(key, None)
+        key = str(req.get("key") or _plan_key(spec))
+        ready = self.warm.pop(key, [])
+        box = ready.pop(0) if ready else None
+        if ready:
+            self.warm[key] = ready
         try:
-            if warm is None:
-                warm = self._fork_warm(spec)
+            if box is None:
+                box = self._fork_warm(spec)
         except Exception as exc:
             self._send(status, {"error": ["prepare", getattr(exc, "errno", 0) or 0, str(exc)]})
             status.close()
             for fd in fds[1:]:
                 os.close(fd)
             return
-        env = dict(spec["env"])
-        if warm.tmpdir:
-            env["TMPDIR"] = warm.tmpdir
-        request = {k: spec[k] for k in ("argv", "executable", "cwd", "cwd_fallback", "fds")}
-        request["env"] = env
-        report = b""
-        payload, pidfd = warm.pid, -1
-        if warm.native:
-            # Pid 2 says "ready" once built; take its pidfd while it waits for the request (a
-            # short-lived payload is reaped by its pid 1, not by us, right after it exits).
-            first, anc = _recv(warm.sock)
-            if first == b'{"ready": true}':
-                payload = _sender_pid(anc) or payload
-                try:
-                    pidfd = os.pidfd_open(payload)
-                except OSError:
-                    pidfd = -1
-            else:
-                report = first
-        if not report:
-            try:
-                socket.send_fds(warm.sock, [json.dumps(request).encode()], fds[1:])
-            except OSError:
-                pass  # it already failed: its report is waiting in the socket
+        request = {k: spec[k] for k in _REQUEST_KEYS}
+        request["env"] = dict(spec["env"])
+        if box.tmpdir:
+            request["env"]["TMPDIR"] = box.tmpdir
+        try:
+            # The child tells the caller itself, on a copy of our end of the status socket.
+            socket.send_fds(box.sock, [json.dumps(request).encode()], fds)
+        except OSError:
+            pass  # it already failed: its report (or its exit) follows
         for fd in fds[1:]:
             os.close(fd)
-        while not report:
-            chunk, _anc = _recv(warm.sock)
-            if not chunk:
-                break
-            report += chunk
-        warm.sock.close()
-        if report:
-            if pidfd >= 0:
-                os.close(pidfd)
-            _waitpid_quiet(warm.pid)
-            step, err, detail = report.decode(errors="replace").split("\0", 2)
-            self._send(status, {"error": [step, int(err), detail]})
-            status.close()
-            if warm.tmpdir:
-                shutil.rmtree(warm.tmpdir, ignore_errors=True)
-        else:
-            if pidfd < 0:
-                try:
-                    pidfd = os.pidfd_open(payload)
-                except OSError:
-                    pidfd = -1  # already gone (reaped by its pid 1): its exit status follows
-            self._send(status, {"started": payload}, [pidfd] if pidfd >= 0 else [])
-            if pidfd >= 0:
-                os.close(pidfd)
-            timeout = spec.get("timeout")
-            deadline = time.monotonic() + float(timeout) if timeout else None
-            self.sandboxes[warm.pid] = _Sandbox(warm.pid, status, warm.tmpdir, deadline,
-                                                warm.native)
-            self.sel.register(status, selectors.EVENT_READ, warm.pid)
-        self._prefork(key, spec)
+        box.status = status
+        box.deadline = None
+        timeout = spec.get("timeout")
+        if timeout:
+            box.deadline = time.monotonic() + float(timeout)
+        box.key = key
+        self.sel.register(box.sock, selectors.EVENT_READ, ("child", box))
+        self.sel.register(status, selectors.EVENT_READ, ("status", box))
+        self.wanted[key] = (time.monotonic() + PREFORK_DELAY, spec)
 
-    def _prefork(self, key: str, spec: dict[str, Any]) -> None:
-        """Fork the next child for this policy now, off the caller's critical path."""
-        try:
-            self.warm[key] = self._fork_warm(spec)
-        except Exception:
-            return  # the next spawn forks in line and reports the failure
-        while len(self.warm) > MAX_WARM:
-            self._retire(self.warm.pop(next(iter(self.warm))))
+    def _prefork_due(self, key: str | None = None) -> None:
+        """Fork the next child for each policy whose time has come (or for `key` now)."""
+        now = time.monotonic()
+        for k, (when, spec) in list(self.wanted.items()):
+            if k != key and when > now:
+                continue
+            ready = self.warm.pop(k, [])
+            self.warm[k] = ready
+            if len(ready) >= WARM_PER_POLICY:
+                del self.wanted[k]
+                continue
+            try:
+                ready.append(self._fork_warm(spec))
+            except Exception:
+                del self.wanted[k]  # the next spawn forks in line and reports the failure
+                if not ready:
+                    del self.warm[k]
+                continue
+            if len(ready) >= WARM_PER_POLICY:
+                del self.wanted[k]
+            else:  # the next one after whatever else is waiting: one fork per round
+                self.wanted[k] = (now, spec)
+            while len(self.warm) > MAX_WARM:
+                for old in self.warm.pop(next(iter(self.warm))):
+                    self._retire(old)
 
-    def _retire(self, warm: _Warm) -> None:
-        warm.sock.close()  # EOF: it exits without running anything
-        _waitpid_quiet(warm.pid)
-        if warm.tmpdir:
-            shutil.rmtree(warm.tmpdir, ignore_errors=True)
+    def _retire(self, box: _Box) -> None:
+        box.sock.close()  # EOF: it exits without running anything
+        if box.reaped is None:
+            _waitpid_quiet(box.pid)
+        self._forget(box)
 
-    def _fork_warm(self, spec: dict[str, Any]) -> _Warm:
+    def _forget(self, box: _Box) -> None:
+        if box.sock_open:
+            box.sock.close()
+            box.sock_open = False
+        self.boxes.pop(box.pid, None)
+        if box.tmpdir:
+            shutil.rmtree(box.tmpdir, ignore_errors=True)
+
+    def _fork_warm(self, spec: dict[str, Any]) -> _Box:
         bpf = self._bpf(spec.get("seccomp"))
         tmpdir = None
         child_spec = spec
@@ -322,8 +321,6 @@ class Zygote:
                     child_spec = {**spec, "landlock": ll}
             native = spec.get("engine") == "native"
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            if native:  # the payload's host pid arrives as the credentials of "ready"
-                ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
             pid = os.fork()
         except BaseException:
             if tmpdir:
@@ -333,26 +330,95 @@ class Zygote:
             main = _child.native_warm_main if native else _child.warm_main
             main(theirs.fileno(), child_spec, bpf, self.pid, self.host_caps)
         theirs.close()
-        return _Warm(pid, ours, tmpdir, native)
+        box = _Box(pid, ours, tmpdir, native)
+        self.boxes[pid] = box
+        return box
 
-    # --- status sockets and reaping ---------------------------------------------------------
+    # --- messages from children and callers -------------------------------------------------
 
-    def _on_status(self, pid: int) -> None:
-        box = self.sandboxes.get(pid)
-        if box is None:
+    def _on_child(self, box: _Box, block: bool = True) -> bool:
+        """Handle one message from a sandbox's child; False when there was none."""
+        if not box.sock_open:  # closed by an earlier event of the same select() round
+            return False
+        try:
+            data, anc, _flags, _addr = box.sock.recvmsg(
+                MAX_MSG, socket.CMSG_SPACE(4), 0 if block else socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        except OSError:
+            data, anc = b"", []
+        fds = [int.from_bytes(blob[:4], sys.byteorder, signed=True)
+               for level, kind, blob in anc
+               if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS and len(blob) >= 4]
+        try:
+            if not data:
+                self._unregister(box.sock)
+                box.sock.close()
+                box.sock_open = False
+                if box.reaped is not None:
+                    self._finish(box)
+                return False
+            self._on_message(box, data, fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        return True
+
+    def _on_message(self, box: _Box, data: bytes, fds: list[int]) -> None:
+        try:
+            msg = json.loads(data)
+        except ValueError:
+            msg = {}
+        if "started" in msg and not box.started:
+            box.started = True
+            if msg["started"] is not True and fds:  # it could not tell the caller the pid
+                self._send(box.status, {"started": _pidfd_pid(fds[0])}, fds[:1])
+                try:
+                    box.sock.send(b"k")  # it may reap the payload now
+                except OSError:
+                    pass
+        elif "error" in msg and not box.started and not box.told:
+            self._tell(box, {"error": msg["error"]})
+        elif "exit" in msg and box.started and not box.told:
+            box.kill()  # whatever the payload left behind goes with it
+            self._tell(box, None)  # the child told the caller
+
+    def _tell(self, box: _Box, msg: dict[str, Any] | None) -> None:
+        """The caller's last message for this sandbox (None: its child sent it)."""
+        box.told = True
+        box.deadline = None
+        if box.status is not None:
+            self._unregister(box.status)
+            if msg is not None:
+                self._send(box.status, msg)
+            box.status.close()
+            box.status = None
+        if box.key in self.wanted:
+            self._prefork_due(box.key)
+
+    def _on_status(self, box: _Box) -> None:
+        if box.status is None:  # closed by an earlier event of the same select() round
             return
         try:
             data = box.status.recv(4096)
         except OSError:
             data = b""
         if not data:  # the caller dropped its handle: the sandbox keeps running, unobserved
-            self.sel.unregister(box.status)
+            self._unregister(box.status)
             return
         try:
             json.loads(data)["kill"]
         except (ValueError, KeyError, TypeError):
             return
         box.kill()
+
+    def _unregister(self, sock: socket.socket) -> None:
+        try:
+            self.sel.unregister(sock)
+        except (KeyError, ValueError):
+            pass
+
+    # --- reaping ----------------------------------------------------------------------------
 
     def _reap(self) -> None:
         while True:
@@ -362,27 +428,39 @@ class Zygote:
                 return
             if pid == 0:
                 return
-            box = self.sandboxes.pop(pid, None)
+            box = self.boxes.get(pid)
             if box is None:
                 continue  # an orphan that was reparented to us (we are a child subreaper)
-            # The payload (or the pid namespace) is gone: the rest of the sandbox goes with it.
-            if not box.native:
-                box.kill()
-            try:
-                self.sel.unregister(box.status)
-            except (KeyError, ValueError):
-                pass
-            self._send(box.status, {"exit": status, "timed_out": box.timed_out})
-            box.status.close()
-            if box.tmpdir:
-                shutil.rmtree(box.tmpdir, ignore_errors=True)
+            box.reaped = status
+            if box.status is None and not box.told:
+                # A warm child that died before its request: the next spawn forks afresh.
+                for ready in self.warm.values():
+                    if box in ready:
+                        ready.remove(box)
+                self._forget(box)
+                continue
+            while box.sock_open and self._on_child(box, block=False):
+                pass  # what it said before it exited comes first
+            if not box.sock_open:
+                self._finish(box)
+
+    def _finish(self, box: _Box) -> None:
+        """Our child is reaped and its socket drained: tell the caller if nothing did yet."""
+        assert box.reaped is not None
+        if not box.told:
+            if box.started:
+                self._tell(box, {"exit": box.reaped, "timed_out": box.timed_out})
+            else:
+                self._tell(box, {"error": ["sandbox", 0, "the sandbox exited before the payload"
+                                           f" started (wait status {box.reaped})"]})
+        box.kill()
+        self._forget(box)
 
     def shutdown(self) -> None:
-        for warm in self.warm.values():
-            warm.sock.close()
-            if warm.tmpdir:
-                shutil.rmtree(warm.tmpdir, ignore_errors=True)
-        for box in self.sandboxes.values():
+        for ready in self.warm.values():
+            for box in ready:
+                self._forget(box)
+        for box in self.boxes.values():
             box.kill()
         # Kill and reap until no child is left: orphans of killed sandboxes come back to us.
         while True:
@@ -396,10 +474,10 @@ class Zygote:
                 pid, _ = os.waitpid(-1, 0)
             except ChildProcessError:
                 break
-            gone = self.sandboxes.pop(pid, None)
+            gone = self.boxes.pop(pid, None)
             if gone and gone.tmpdir:
                 shutil.rmtree(gone.tmpdir, ignore_errors=True)
-        for box in self.sandboxes.values():
+        for box in self.boxes.values():
             if box.tmpdir:
                 shutil.rmtree(box.tmpdir, ignore_errors=True)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import io
+import json
 import os
 import selectors
 import shutil
@@ -14,6 +15,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import IO, Any
 
+from ._zygote import PLAN_KEYS
 from .engines import zygote
 from .errors import SpawnError
 from .plan import NOBODY, Plan, Report, make_plan
@@ -101,10 +103,8 @@ class Popen:
         self.stderr: IO[Any] | None = None
         self._status: socket.socket | None = None
         self.pidfd: int | None = None
-        resolved = resolve_policy(policy, params)
-        caller_env = dict(os.environ if env is None else env)
-        self.plan = make_plan(resolved, host_probe(), engine=engine, allow_weaker=allow_weaker,
-                              caller_env=caller_env, uid=uid, gid=gid)
+        prepared = _prepare(resolve_policy(policy, params), engine, allow_weaker, env, uid, gid)
+        self.plan = prepared.plan
         self.report: Report = self.plan.report
         self._text = text or encoding is not None or errors is not None
         self._encoding = encoding
@@ -125,8 +125,9 @@ class Popen:
                 os.fstat(fd)  # EBADF now, not in the child
                 fd_map.append((len(send), fd))
                 send.append(fd)
-            spec_json = _spec(self.plan, self.args, executable, cwd, fd_map)
-            status = zygote.client().request({"op": "spawn", "spec": spec_json}, send)
+            spec_json = {**prepared.spec, **_request(self.args, executable, cwd, fd_map)}
+            status = zygote.client().request(
+                {"op": "spawn", "key": prepared.key, "spec": spec_json}, send)
         except BaseException:
             for _, fd in parent_ends:
                 os.close(fd)
@@ -154,6 +155,8 @@ class Popen:
                 os.close(fd)
             if msg is None:
                 raise SpawnError("zygote", 0, "the zygote died before the sandbox started")
+            if "error" not in msg:  # e.g. its supervisor was killed as the payload started
+                raise SpawnError("sandbox", 0, f"the sandbox ended while starting ({msg})")
             step, err, detail = msg["error"]
             if step == "execve" and err == errno.EACCES:
                 detail += f" (is {executable} under a path with exec access in the policy?)"
@@ -366,20 +369,62 @@ def _which(program: str, env: Mapping[str, str]) -> str:
     return found
 
 
-def _spec(plan: Plan, argv: list[str], executable: str, cwd: str | os.PathLike[str] | None,
-          fd_map: list[tuple[int, int]]) -> dict[str, Any]:
+class _Prepared:
+    """A plan and what the zygote needs of it, computed once per policy and caller context."""
+
+    __slots__ = ("plan", "spec", "key")
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.spec = _plan_spec(plan)
+        # The zygote keeps one pre-forked child per key: what the child is restricted for.
+        self.key = json.dumps({k: self.spec.get(k) for k in PLAN_KEYS}, sort_keys=True)
+
+
+_prepared: dict[tuple[Any, ...], _Prepared] = {}
+_PREPARED_MAX = 32
+
+
+def _prepare(policy: Policy, engine: str, allow_weaker: Iterable[str],
+             env: Mapping[str, str] | None, uid: int, gid: int) -> _Prepared:
+    """make_plan, remembered: a plan depends only on these, the host probe and our euid."""
+    caller_env = dict(os.environ if env is None else env)
+    weaker = frozenset(allow_weaker)
+    key = (policy, engine, weaker, uid, gid, os.geteuid(), tuple(sorted(caller_env.items())))
+    try:
+        found = _prepared.get(key)
+    except TypeError:  # a Policy subclass or field that is not hashable: plan every time
+        return _Prepared(make_plan(policy, host_probe(), engine=engine, allow_weaker=weaker,
+                                   caller_env=caller_env, uid=uid, gid=gid))
+    if found is None:
+        plan = make_plan(policy, host_probe(), engine=engine, allow_weaker=weaker,
+                         caller_env=caller_env, uid=uid, gid=gid)
+        found = _Prepared(plan)
+        if len(_prepared) >= _PREPARED_MAX:
+            _prepared.pop(next(iter(_prepared)))
+        _prepared[key] = found
+    return found
+
+
+def _request(argv: list[str], executable: str, cwd: str | os.PathLike[str] | None,
+             fd_map: list[tuple[int, int]]) -> dict[str, Any]:
+    return {
+        "argv": argv,
+        "executable": executable,
+        "cwd": os.fspath(cwd) if cwd is not None else os.getcwd(),
+        "cwd_fallback": cwd is None,
+        "fds": fd_map,
+    }
+
+
+def _plan_spec(plan: Plan) -> dict[str, Any]:
     from .confine import landlock, mounts
 
     tmp_access = 0
     if plan.landlock is not None:
         tmp_access = int(landlock.access_for_mode("rw") & plan.landlock.handled_fs)
     return {
-        "argv": argv,
-        "executable": executable,
         "env": dict(plan.env),
-        "cwd": os.fspath(cwd) if cwd is not None else os.getcwd(),
-        "cwd_fallback": cwd is None,
-        "fds": fd_map,
         "rlimits": [list(x) for x in plan.rlimits],
         "uid": plan.uid,
         "gid": plan.gid,

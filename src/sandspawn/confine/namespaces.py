@@ -218,21 +218,33 @@ def sethostname(name: str) -> None:
 # The init
 
 
-def fork_init(payload: Callable[[], NoReturn]) -> NoReturn:
-    """Fork pid 1 of the pid namespace unshared before; it forks `payload` as pid 2.
+def fork_init(payload: Callable[[], NoReturn] | None = None, *,
+              start: Callable[[], int] | None = None,
+              on_exit: Callable[[int], None] | None = None) -> NoReturn:
+    """Fork pid 1 of the pid namespace unshared before; pid 1 starts the payload as pid 2.
+
+    Pid 1 starts the payload in one of two ways: it forks and runs `payload` in the child, or
+    it calls `start()`, which must start a child of pid 1 (e.g. with posix_spawn) and return
+    its pid. Pid 1 then reaps, forwards FORWARDED_SIGNALS to the payload, calls
+    `on_exit(wait_status)` when it exits, and exits itself, which ends the namespace.
 
     Never returns on success: this process waits for pid 1, forwarding FORWARDED_SIGNALS to
     it, and then exits as the payload did (same exit code, or killed by the same signal).
-    Once the payload has been forked, this process and the init close every file descriptor
-    except their private status pipe, so the payload's processes hold the only copies (an
-    error pipe that is close-on-exec in the payload reaches EOF at its execve).
+    Once the payload has started, this process closes every file descriptor except its
+    private status pipe, and so does pid 1 after forking `payload`, so the payload's processes
+    hold the only copies (an error pipe that is close-on-exec in the payload reaches EOF at
+    its execve). With `start`, pid 1 keeps its descriptors (`on_exit` may need them): `start`
+    must have made them close-on-exec.
 
     Raises NamespaceError in this process, with the signal mask restored, when the init
     cannot be forked ("fork init"), cannot fork the payload ("fork payload") or fails before
     that ("init").  SIGCHLD is left at SIG_DFL (SIG_IGN would make the kernel reap children).
     `payload` runs with the caller's signal mask and must end with execve or os._exit; if it
-    returns or raises, its process exits PAYLOAD_RETURNED.
+    returns or raises, its process exits PAYLOAD_RETURNED. `start` runs in pid 1 with
+    FORWARDED_SIGNALS and SIGCHLD blocked; if it exits pid 1 itself, this process mirrors that.
     """
+    if (payload is None) == (start is None):
+        raise TypeError("fork_init needs exactly one of payload and start")
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _WAITED)
     try:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -248,7 +260,7 @@ def fork_init(payload: Callable[[], NoReturn]) -> NoReturn:
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         raise NamespaceError(exc.errno or errno.EAGAIN, "fork init") from None
     if init == 0:
-        _init_main(payload, r, w, old_mask)
+        _init_main(payload, start, on_exit, r, w, old_mask)
     os.close(w)
     kind, value = _read_record(r)
     if kind in (_FORK_FAILED, _INIT_FAILED):
@@ -271,7 +283,8 @@ def fork_init(payload: Callable[[], NoReturn]) -> NoReturn:
         os._exit(INIT_FAILED)
 
 
-def _init_main(payload: Callable[[], NoReturn], r: int, w: int,
+def _init_main(payload: Callable[[], NoReturn] | None, start: Callable[[], int] | None,
+               on_exit: Callable[[int], None] | None, r: int, w: int,
                old_mask: set[int | signal.Signals]) -> NoReturn:
     try:
         os.close(r)
@@ -283,16 +296,23 @@ def _init_main(payload: Callable[[], NoReturn], r: int, w: int,
         # a write end without readers, Linux 6.18).
         if _reader_gone(w):
             os._exit(INIT_FAILED)
-        try:
-            child = os.fork()
-        except OSError as exc:
-            _record(w, _FORK_FAILED, exc.errno or errno.EAGAIN)
-            os._exit(INIT_FAILED)
-        if child == 0:
-            _payload_main(payload, w, old_mask)
+        if start is not None:
+            child = start()
+        else:
+            try:
+                child = os.fork()
+            except OSError as exc:
+                _record(w, _FORK_FAILED, exc.errno or errno.EAGAIN)
+                os._exit(INIT_FAILED)
+            if child == 0:
+                assert payload is not None
+                _payload_main(payload, w, old_mask)
         _record(w, _STARTED, 0)
-        _close_all_but(w)
+        if start is None:
+            _close_all_but(w)
         status = _supervise(child, -1)
+        if on_exit is not None:
+            on_exit(status)
         _record(w, _STATUS, status)
         # Fallback only (the caller mirrors the status record): pid 1 cannot die of a signal.
         os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status)
@@ -371,6 +391,10 @@ def _reader_gone(fd: int) -> bool:
     return any(ev & select.POLLERR for _, ev in poller.poll(0))
 
 
-def _close_all_but(fd: int) -> None:
-    os.closerange(0, fd)
-    os.closerange(fd + 1, _FD_END)
+def _close_all_but(*fds: int) -> None:
+    low = 0
+    for fd in sorted(f for f in set(fds) if f >= 0):
+        if fd > low:
+            os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, _FD_END)
