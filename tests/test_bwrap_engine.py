@@ -94,12 +94,6 @@ print(json.dumps(out))
 """
 
 
-@pytest.fixture(autouse=True)
-def zygote_support(monkeypatch: pytest.MonkeyPatch) -> None:
-    """These tests run bwrap themselves, the way the zygote will: let the planner plan it."""
-    monkeypatch.setattr(bwrap, "ZYGOTE_SUPPORT", True)
-
-
 @pytest.fixture(scope="module")
 def probe() -> HostProbe:
     res = in_child(lambda: probe_host().to_json())
@@ -732,17 +726,6 @@ def test_bwrap_without_size_weakens_tmp_size(probe: HostProbe) -> None:
     plan = make_plan(pol, host, engine="bwrap", allow_weaker={"resources"})
     assert plan.report.line("resources").status == "weakened"
     assert "cannot size a tmpfs" in plan.report.line("resources").meaning
-
-
-def test_no_bwrap_plans_while_the_zygote_cannot_start_them(probe: HostProbe,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(bwrap, "ZYGOTE_SUPPORT", False)
-    with pytest.raises(CannotEnforce) as info:
-        make_plan(Policy.load("strict"), probe, engine="bwrap")
-    assert "zygote does not start bubblewrap sandboxes" in (info.value.refused[0].reason or "")
-    host = with_facts(probe, userns=_USERNS_BLOCKED)
-    plan = make_plan(Policy.load("strict"), host, allow_weaker={"processes"})
-    assert plan.engine == "landlock"
 
 
 def test_bwrap_needs_python_in_the_sandbox(probe: HostProbe) -> None:

@@ -424,10 +424,6 @@ def test_control_true_runs_with_16m_address_space_and_4_fds() -> None:
                           ).returncode == 0
 
 
-@pytest.mark.xfail(strict=True, reason="bug: _child applies rlimits before its own set-up "
-                   "(Landlock ruleset, recv of the exec request, fd placement), so a small "
-                   "RLIMIT_AS/RLIMIT_NOFILE breaks the child, not the payload; fix: apply them "
-                   "last, with rlimits.exec_with_limits")
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("limit", [{"memory": 16 * MIB}, {"open_files": 4}],
                          ids=["memory=16M", "open_files=4"])

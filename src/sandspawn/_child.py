@@ -27,6 +27,7 @@ import json
 import os
 import signal
 import socket
+import sys
 from typing import Any, NoReturn
 
 from .confine import _libc, caps, landlock, rlimits, seccomp
@@ -38,6 +39,7 @@ MAX_REQUEST = 1 << 20
 MAX_FDS = 253  # SCM_MAX_FD (include/net/scm.h)
 _CLOSE_RANGE_CLOEXEC = 1 << 2  # include/uapi/linux/close_range.h, Linux 5.11
 _FD_LAST = 0xFFFFFFFF
+_LIMITS_AT_EXEC = ("RLIMIT_AS", "RLIMIT_NOFILE", "RLIMIT_NPROC")
 
 
 class HostCaps:
@@ -185,11 +187,13 @@ def start_payload(sock: socket.socket, status: socket.socket, req: dict[str, Any
                   fds: list[int], limits: list[tuple[str, int]], host_pids: bool) -> int:
     """Start the payload as our child and say so; returns its pid once it has exec'd.
 
-    The payload gets exactly the fds of the request's fd map. With an address-space limit it
-    is forked instead of vforked: posix_spawn allocates a stack in this process, which the
-    limit may already forbid. `host_pids`: our pid namespace is the zygote's.
+    The payload gets exactly the fds of the request's fd map. With an address-space, open-files
+    or process-count limit it is forked instead of vforked, and the limits are set right before
+    its execve: set here, they would bind this process (posix_spawn allocates a stack and is
+    itself a fork; pidfd_open needs an fd number). `host_pids`: our pid namespace is the
+    zygote's.
     """
-    if any(name == "RLIMIT_AS" for name, _ in limits):
+    if any(name in _LIMITS_AT_EXEC for name, _ in limits):
         pid = _fork_exec(req, fds, limits)
     else:
         pid = _posix_spawn(req, fds, limits)
@@ -264,14 +268,10 @@ def _fork_exec(req: dict[str, Any], fds: list[int], limits: list[tuple[str, int]
             os.close(r)
             _libc.prctl(_libc.PR_SET_PDEATHSIG, signal.SIGKILL)
             signal.pthread_sigmask(signal.SIG_SETMASK, ())  # pid 1 blocks the ones it waits on
-            _step("rlimits", rlimits.apply, limits)
-        except _StepFailed as exc:
-            _report(w, exc.step, exc.err, exc.detail)
-            os._exit(127)
         except BaseException as exc:
             _report(w, "internal", 0, f"{type(exc).__name__}: {exc}")
             os._exit(127)
-        execute(req, fds, w)
+        execute(req, fds, w, limits)
     os.close(w)
     for fd in fds:
         os.close(fd)
@@ -286,15 +286,21 @@ def _fork_exec(req: dict[str, Any], fds: list[int], limits: list[tuple[str, int]
     return pid
 
 
-def execute(req: dict[str, Any], fds: list[int], errfd: int) -> NoReturn:
-    """Place stdio and passed fds, close the rest, chdir, execve; report any failure on errfd."""
+def execute(req: dict[str, Any], fds: list[int], errfd: int,
+            limits: list[tuple[str, int]]) -> NoReturn:
+    """Place stdio and passed fds, close the rest, chdir, set the rlimits and execve at once
+    (nothing allocated in between); report any failure on errfd."""
     try:
         fd_map = [(fds[i], target) for i, target in req["fds"]]
         errfd = _step("close fds", _place_fds, fd_map, errfd)
         if req.get("cwd"):
             _step("chdir", _chdir, req["cwd"], req.get("cwd_fallback", False))
-        _step("execve", os.execve, req["executable"], req["argv"], req["env"])
-        raise _StepFailed("execve", 0, "returned")
+        try:
+            rlimits.exec_with_limits(req["executable"], req["argv"], req["env"], limits)
+        except rlimits.LimitError as exc:
+            raise _StepFailed("rlimits", exc.errno or 0, str(exc)) from None
+        except OSError as exc:
+            raise _StepFailed("execve", exc.errno or 0, str(exc)) from None
     except _StepFailed as exc:
         _report(errfd, exc.step, exc.err, exc.detail)
     except BaseException as exc:  # any bug must still be reported, never run the payload
@@ -414,3 +420,143 @@ def _native_pid1(sock: socket.socket, status: list[socket.socket], spec: dict[st
     except BaseException as exc:
         _send_error(sock.fileno(), exc)
         os._exit(127)
+
+
+def bwrap_warm_main(sock_fd: int, spec: dict[str, Any], bpf: bytes | None, parent: int,
+                    host: HostCaps) -> NoReturn:
+    """A pre-forked child of the bwrap engine: becomes the payload's uid, then on request
+    starts bwrap, whose exec shim (_shim.py) applies Landlock and the rlimits inside and
+    hands over before the payload runs (see engines/bwrap.py for the handshake).
+
+    No restriction is applied here: bwrap (possibly setuid) must be able to start.
+    """
+    gc.disable()
+    try:
+        _fresh_child(sock_fd)
+        _step("setsid", os.setsid)
+        if spec.get("uid") is not None:
+            # The payload must be host uid 65534 (not root inside a root-owned user namespace).
+            _step("set uid/gid", _drop_identity, spec["uid"], spec["gid"], host)
+        _step("die with parent", _die_with_parent, parent)
+        sock = socket.socket(fileno=sock_fd)
+        status, req, fds = _recv_assignment(sock)
+        bwrap_pid, payload, handover = _start_bwrap({**spec, **req}, fds, bpf)
+    except BaseException as exc:
+        _send_error(sock_fd, exc)
+        os._exit(127)
+    try:
+        pidfd = os.pidfd_open(payload)
+        _send(sock, {"started": True})
+        _send(status, {"started": payload}, [pidfd])
+        os.close(pidfd)
+        _, wait_status = os.waitpid(bwrap_pid, 0)
+        code = _bwrap_exit_code(handover)
+        # bwrap reports a payload killed by signal N as exit code 128 + N, like a shell.
+        _report_exit(sock, status, (code & 0xFF) << 8 if code is not None else wait_status)
+    except BaseException:
+        os.killpg(0, signal.SIGKILL)
+    os._exit(0)
+
+
+def _bwrap_exit_code(status_r: int) -> int | None:
+    from .engines import bwrap
+
+    data = b""
+    while chunk := os.read(status_r, 65536):
+        data += chunk
+    return bwrap.parse_status(data).exit_code
+
+
+def _start_bwrap(spec: dict[str, Any], fds: list[int], bpf: bytes | None
+                 ) -> tuple[int, int, int]:
+    """posix_spawn bwrap with the payload's fds at their targets and its own above them; wait
+    for the shim's "ready", let it go, and wait for its execve. Returns (bwrap's pid, the
+    payload's host pid, the read end of bwrap's status pipe)."""
+    from .engines import bwrap
+
+    fd_map = [(fds[i], target) for i, target in spec["fds"]]
+    targets = {t for _, t in fd_map}
+    top = max(targets | {2}) + 1
+    lifted = [(_step("close fds", _dupfd_above, src, top), dst) for src, dst in fd_map]
+    for fd in fds:
+        os.close(fd)
+    _step("close fds", _libc.syscall, "close_range", 3, _FD_LAST, _CLOSE_RANGE_CLOEXEC)
+    own: list[int] = []  # bwrap's fds: inherited (not close-on-exec), above every target
+
+    def inherited(fd: int) -> int:
+        high = _dupfd_above(fd, top)
+        os.close(fd)
+        os.set_inheritable(high, True)
+        own.append(high)
+        return high
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    status_r, status_w = os.pipe()
+    try:
+        seccomp_fd = None
+        if bpf is not None:
+            memfd = os.memfd_create("sandspawn-seccomp")
+            os.write(memfd, bpf)
+            os.lseek(memfd, 0, os.SEEK_SET)
+            seccomp_fd = inherited(memfd)
+        status_fd = inherited(status_w)
+        report_fd = inherited(theirs.detach())
+        config = os.memfd_create("sandspawn-shim")
+        os.write(config, bwrap.shim_config(spec, report_fd=report_fd, wait=True))
+        os.lseek(config, 0, os.SEEK_SET)
+        config_fd = inherited(config)
+        try:
+            argv = bwrap.bwrap_argv(spec, bwrap=spec["bwrap"]["path"], seccomp_fd=seccomp_fd,
+                                    status_fd=status_fd,
+                                    shim=bwrap.shim_command(spec, config_fd))
+        except bwrap.BwrapError as exc:
+            raise _StepFailed("bwrap", errno.EINVAL, str(exc)) from None
+        actions: list[tuple[int, ...]] = [(os.POSIX_SPAWN_DUP2, s, d) for s, d in lifted]
+        actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in (0, 1, 2) if fd not in targets]
+        try:
+            pid = os.posix_spawn(argv[0], argv, {}, file_actions=actions, setsigmask=(),
+                                 setsigdef=_RESET_SIGNALS)
+        except OSError as exc:
+            raise _StepFailed("execve", exc.errno or 0, f"{argv[0]}: {exc.strerror}") from None
+    finally:
+        for fd in [*own, *(s for s, _ in lifted)]:
+            os.close(fd)
+    try:
+        payload, handed = _shim_ready(ours)
+        with socket.socket(fileno=handed) as shim:
+            shim.send(b"g")  # the shim waits for this: until then its pid cannot be reused
+            failure = shim.recv(4096)  # EOF: its execve succeeded
+        if failure:
+            step, err, detail = failure.decode(errors="replace").split("\0", 2)
+            raise _StepFailed(step, int(err), detail)
+    except BaseException:
+        # bwrap's sandbox dies with it (--die-with-parent): nothing runs unobserved.
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise
+    finally:
+        ours.close()
+    return pid, payload, status_r
+
+
+def _shim_ready(ours: socket.socket) -> tuple[int, int]:
+    """The shim's "ready": the payload's host pid (its credentials) and the handed-over fd."""
+    msg, anc, _flags, _addr = ours.recvmsg(
+        4096, socket.CMSG_SPACE(4 * 4) + socket.CMSG_SPACE(12), socket.MSG_CMSG_CLOEXEC)
+    pid = handed = None
+    for level, kind, blob in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS and len(blob) >= 4:
+            handed = int.from_bytes(blob[:4], sys.byteorder, signed=True)
+            for i in range(4, len(blob) - len(blob) % 4, 4):
+                os.close(int.from_bytes(blob[i:i + 4], sys.byteorder, signed=True))
+        elif level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(blob) >= 4:
+            pid = int.from_bytes(blob[:4], sys.byteorder, signed=True)
+    if msg == b"ready" and pid is not None and handed is not None:
+        return pid, handed
+    if handed is not None:
+        os.close(handed)
+    if not msg:  # bwrap failed before the shim ran: its message went to the payload's stderr
+        raise _StepFailed("bwrap", 0, "bubblewrap failed to set up the sandbox (see stderr)")
+    step, err, detail = msg.decode(errors="replace").split("\0", 2)
+    raise _StepFailed(step, int(err), detail)

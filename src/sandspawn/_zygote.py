@@ -44,7 +44,9 @@ PREFORK_DELAY = 0.005
 # What a pre-forked child is specialised for; everything else comes with the exec request.
 PLAN_KEYS = ("engine", "landlock", "seccomp", "uid", "gid", "rlimits", "private_tmpdir",
               "tmp_access", "namespaces", "mounts", "hostname", "loopback", "inside_uid",
-              "inside_gid")
+              "inside_gid", "bwrap")
+_MAINS = {"landlock": _child.warm_main, "native": _child.native_warm_main,
+          "bwrap": _child.bwrap_warm_main}
 _REQUEST_KEYS = ("argv", "executable", "cwd", "cwd_fallback", "fds")
 
 
@@ -315,11 +317,15 @@ class Zygote:
                 tmpdir = tempfile.mkdtemp(prefix="tmp-", dir=self.base)
                 if spec.get("uid") is not None:
                     os.chown(tmpdir, spec["uid"], spec["gid"])
-                if spec.get("landlock") is not None:
+                if spec.get("landlock") is not None and spec.get("engine") == "landlock":
                     ll = dict(spec["landlock"])
                     ll["path_rules"] = [*ll["path_rules"], [tmpdir, int(spec["tmp_access"])]]
                     child_spec = {**spec, "landlock": ll}
-            native = spec.get("engine") == "native"
+            engine = spec.get("engine")
+            main = _MAINS.get(str(engine))
+            if main is None:  # never run a payload under an engine we do not know
+                raise ValueError(f"the zygote does not start {engine!r} sandboxes")
+            native = engine == "native"
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             pid = os.fork()
         except BaseException:
@@ -327,7 +333,6 @@ class Zygote:
                 shutil.rmtree(tmpdir, ignore_errors=True)
             raise
         if pid == 0:
-            main = _child.native_warm_main if native else _child.warm_main
             main(theirs.fileno(), child_spec, bpf, self.pid, self.host_caps)
         theirs.close()
         box = _Box(pid, ours, tmpdir, native)

@@ -196,9 +196,6 @@ def _bwrap_blocked(policy: Policy, probe: HostProbe, caller_uid: int, uid: int, 
         return (f"bwrap: bubblewrap {have} is too old; the bwrap engine needs "
                 f"{'.'.join(map(str, bwrap.MIN_VERSION))} (--perms for --tmpfs)",
                 "install bubblewrap 0.5.0 or newer")
-    if not bwrap.ZYGOTE_SUPPORT:
-        return ("bwrap: this version's zygote does not start bubblewrap sandboxes yet",
-                "use --engine native or --engine landlock")
     run_uid, run_gid = (uid, gid) if caller_uid == 0 else (caller_uid, os.getegid())
     if not bwrap.package_readable(bwrap.PACKAGE_DIR, run_uid, run_gid):
         return (f"bwrap: the shim is bound into the sandbox from {bwrap.PACKAGE_DIR}, which uid "

@@ -417,6 +417,12 @@ def _request(argv: list[str], executable: str, cwd: str | os.PathLike[str] | Non
     }
 
 
+def _spec(plan: Plan, argv: list[str], executable: str, cwd: str | os.PathLike[str] | None,
+          fd_map: list[tuple[int, int]]) -> dict[str, Any]:
+    """The whole spawn spec the zygote gets (what engines.bwrap.bwrap_argv reads)."""
+    return {**_plan_spec(plan), **_request(argv, executable, cwd, fd_map)}
+
+
 def _plan_spec(plan: Plan) -> dict[str, Any]:
     from .confine import landlock, mounts
 
@@ -440,4 +446,5 @@ def _plan_spec(plan: Plan) -> dict[str, Any]:
         "loopback": plan.loopback,
         "inside_uid": plan.inside_uid,
         "inside_gid": plan.inside_gid,
+        "bwrap": plan.bwrap.to_json() if plan.bwrap is not None else None,
     }

@@ -39,11 +39,6 @@ __all__ = [
     "parse_version", "query_version", "shim_command", "shim_config",
 ]
 
-# Fail closed until the zygote starts bwrap plans: a plan with engine "bwrap" handed to a zygote
-# that does not know the engine would reach the landlock engine's child, which builds none of
-# bwrap's namespaces (and whose Landlock rules would name host paths, "/" readable). The planner
-# treats the engine as unavailable while this is False; the zygote's wiring sets it to True.
-ZYGOTE_SUPPORT = False
 
 # The sandspawn package on the host; bound read-only at `<shim_root>/sandspawn` in the sandbox.
 PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
