@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+import sandspawn
 from forked import both_users, in_child
 from sandspawn.errors import PolicyError
 from sandspawn.paths import check_host_paths
@@ -31,7 +32,8 @@ from sandspawn.policy import (
 )
 from sandspawn.probe import HostProbe, probe_host
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+# Where the sandspawn under test lives (a checkout's src/, or the test venv's site-packages).
+SRC = str(Path(sandspawn.__file__).resolve().parents[1])
 USERS = pytest.mark.parametrize("as_nobody", both_users(), ids=lambda v: "nobody" if v else "self")
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to uid 65534")
 

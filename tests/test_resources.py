@@ -26,7 +26,8 @@ from sandspawn.confine import rlimits
 from sandspawn.policy import Policy, Resources
 
 PYTHON = "/usr/bin/python3"  # readable and executable by every uid
-SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+# Where the sandspawn under test lives (a checkout's src/, or the test venv's site-packages).
+SRC = os.path.dirname(os.path.dirname(os.path.abspath(sandspawn.__file__)))
 MIB = 1 << 20
 ENGINES = ["native", "landlock"]
 WEAKER = ["processes", "resources"]  # what the landlock engine needs for strict + rlimits
@@ -199,8 +200,9 @@ def test_fork_bomb_under_pids_64_is_contained(caller: str, engine: str) -> None:
         # for the last slot can both fail.
         assert 64 - 4 - 8 <= bomb["children"] <= 64 - 4
     else:
-        # 10 held processes of the uid count too: at most 64 - 10 - 2
-        assert 1 <= bomb["children"] <= 64 - 10 - 2
+        # 10 held processes of the uid count too: at most 64 - 10 - 2 (and possibly none:
+        # every other process of that uid on the host, pre-forked sandboxes included, counts)
+        assert 0 <= bomb["children"] <= 64 - 10 - 2
     done, seconds = out["caller_forks"]
     assert done == 0 and seconds < 5
     assert out["report"]["status"] == "weakened" and "RLIMIT_NPROC" in out["report"]["meaning"]

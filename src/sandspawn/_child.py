@@ -434,18 +434,17 @@ def bwrap_warm_main(sock_fd: int, spec: dict[str, Any], bpf: bytes | None, paren
     try:
         _fresh_child(sock_fd)
         _step("setsid", os.setsid)
-        if spec.get("uid") is not None:
+        if spec.get("uid") is not None and os.geteuid() == 0:
             # The payload must be host uid 65534 (not root inside a root-owned user namespace).
             _step("set uid/gid", _drop_identity, spec["uid"], spec["gid"], host)
         _step("die with parent", _die_with_parent, parent)
         sock = socket.socket(fileno=sock_fd)
         status, req, fds = _recv_assignment(sock)
-        bwrap_pid, payload, handover = _start_bwrap({**spec, **req}, fds, bpf)
+        bwrap_pid, payload, pidfd, handover = _start_bwrap({**spec, **req}, fds, bpf)
     except BaseException as exc:
         _send_error(sock_fd, exc)
         os._exit(127)
     try:
-        pidfd = os.pidfd_open(payload)
         _send(sock, {"started": True})
         _send(status, {"started": payload}, [pidfd])
         os.close(pidfd)
@@ -468,10 +467,11 @@ def _bwrap_exit_code(status_r: int) -> int | None:
 
 
 def _start_bwrap(spec: dict[str, Any], fds: list[int], bpf: bytes | None
-                 ) -> tuple[int, int, int]:
+                 ) -> tuple[int, int, int, int]:
     """posix_spawn bwrap with the payload's fds at their targets and its own above them; wait
-    for the shim's "ready", let it go, and wait for its execve. Returns (bwrap's pid, the
-    payload's host pid, the read end of bwrap's status pipe)."""
+    for the shim's "ready", take the payload's pidfd, let it go, and wait for its execve.
+    Returns (bwrap's pid, the payload's host pid and pidfd, the read end of bwrap's status
+    pipe)."""
     from .engines import bwrap
 
     fd_map = [(fds[i], target) for i, target in spec["fds"]]
@@ -525,7 +525,9 @@ def _start_bwrap(spec: dict[str, Any], fds: list[int], bpf: bytes | None
     try:
         payload, handed = _shim_ready(ours)
         with socket.socket(fileno=handed) as shim:
-            shim.send(b"g")  # the shim waits for this: until then its pid cannot be reused
+            # The shim waits for our go: until then its pid is its own (not reaped, not reused).
+            pidfd = os.pidfd_open(payload)
+            shim.send(b"g")
             failure = shim.recv(4096)  # EOF: its execve succeeded
         if failure:
             step, err, detail = failure.decode(errors="replace").split("\0", 2)
@@ -537,7 +539,7 @@ def _start_bwrap(spec: dict[str, Any], fds: list[int], bpf: bytes | None
         raise
     finally:
         ours.close()
-    return pid, payload, status_r
+    return pid, payload, pidfd, status_r
 
 
 def _shim_ready(ours: socket.socket) -> tuple[int, int]:
