@@ -25,6 +25,7 @@ from collections.abc import Callable
 import sandspawn
 
 TRUE = "/usr/bin/true"
+BWRAP = "bwrap --unshare-all, minimal /usr root"
 BWRAP_ROOT = ["--ro-bind", "/usr", "/usr", "--symlink", "usr/lib", "/lib",
               "--symlink", "usr/lib64", "/lib64", "--symlink", "usr/bin", "/bin",
               "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
@@ -44,8 +45,11 @@ def cases() -> dict[str, Callable[[], int]]:
     bwrap = shutil.which("bwrap")
     if bwrap:
         argv = [bwrap, "--unshare-all", "--die-with-parent", "--new-session", *BWRAP_ROOT, TRUE]
-        out["bwrap --unshare-all, minimal /usr root"] = lambda: subprocess.run(
+        out[BWRAP] = lambda: subprocess.run(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL).returncode
+        out["sandspawn bwrap engine (strict: bwrap + shim with Landlock)"] = lambda: sandspawn.run(
+            [TRUE], "strict", engine="bwrap", cwd="/",
+            stdin=sandspawn.DEVNULL, stdout=sandspawn.DEVNULL).returncode
     return out
 
 
@@ -120,7 +124,9 @@ def main() -> int:
         paired = statistics.median(x / b for x, b in zip(xs, samples[base], strict=True))
         rows.append({"case": name, "p50": statistics.median(xs), "p90": pct(xs, 90),
                      "p99": pct(xs, 99), "x_plain": statistics.median(xs)
-                     / statistics.median(samples[base]), "x_plain_paired": paired})
+                     / statistics.median(samples[base]), "x_plain_paired": paired,
+                     "x_bwrap": (statistics.median(xs) / statistics.median(samples[BWRAP])
+                                 if BWRAP in samples else None)})
     who = f"uid {os.getuid()}"
     rates = throughput(names, args.callers, args.seconds) if args.callers else {}
     if args.json:
@@ -129,11 +135,12 @@ def main() -> int:
         return 0
     print(f"{args.rounds} interleaved rounds, {who}, kernel {os.uname().release}, "
           f"gap {args.gap * 1000:g} ms")
-    print("| case | p50 µs | p90 µs | p99 µs | × plain p50 (paired) |")
-    print("|---|---|---|---|---|")
+    print("| case | p50 µs | p90 µs | p99 µs | × plain p50 (paired) | × bwrap p50 |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
+        xb = "" if r["x_bwrap"] is None else f"{r['x_bwrap']:.2f}"
         print(f"| {r['case']} | {r['p50']:.0f} | {r['p90']:.0f} | {r['p99']:.0f} | "
-              f"{r['x_plain']:.2f} ({r['x_plain_paired']:.2f}) |")
+              f"{r['x_plain']:.2f} ({r['x_plain_paired']:.2f}) | {xb} |")
     if rates:
         print(f"\nspawns/second with {args.callers} concurrent callers, {args.seconds:g} s each")
         print("| case | spawns/s |")
