@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -60,6 +61,13 @@ def test_doctor_under_seccomp_blocking_unshare(prefix: list[str]) -> None:
     assert not facts["seccomp_active"]["available"]
     assert "Seccomp: 2" in str(facts["seccomp_active"]["reason"])
     assert facts["landlock"]["available"]  # the landlock engine still works here
+    bwrap = facts["bwrap"]
+    if shutil.which("bwrap"):
+        # The filter answers EPERM to clone(CLONE_NEWUSER): bubblewrap says "No permissions to
+        # create new namespace" (its 0.8 wording), and the cause is the filter, not a sysctl.
+        assert not bwrap["available"], bwrap
+        assert "seccomp filter blocks creating namespaces" in str(bwrap["reason"]), bwrap
+        assert "unprivileged_userns_clone" not in str(bwrap["remedy"]) and bwrap["remedy"]
 
 
 @pytest.mark.parametrize("prefix", users(), ids=lambda p: "nobody" if p else "self")
@@ -69,6 +77,12 @@ def test_doctor_in_userns_with_max_user_namespaces_zero(prefix: list[str]) -> No
     assert not userns["available"]
     assert userns["errno"] == 28  # ENOSPC
     assert "max_user_namespaces" in str(userns["reason"]) and userns["remedy"]
+    bwrap = facts["bwrap"]
+    if shutil.which("bwrap"):
+        # root in this namespace: bwrap is tried as the engine runs it, as uid 65534, which the
+        # namespace does not map (it maps only the caller, and denies setgroups)
+        assert not bwrap["available"], bwrap
+        assert "cannot run as uid 65534" in str(bwrap["detail"]) and bwrap["remedy"]
 
 
 UNDER_SECCOMP_RUN = """

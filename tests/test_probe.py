@@ -189,6 +189,8 @@ def test_bwrap_and_cgroup2_are_explained(host_probe: HostProbe) -> None:
     if os.path.exists("/usr/bin/bwrap"):
         assert "bwrap" in bw.detail
         assert ("setuid" in bw.detail) and (bw.available or bw.reason)
+        # run as the engine runs it: as 65534 when we are root (the detail says which uid)
+        assert f"as uid {65534 if os.geteuid() == 0 else os.geteuid()}" in bw.detail
     else:
         assert not bw.available and bw.remedy == "apt install bubblewrap"
     cg = host_probe.fact("cgroup2")
@@ -296,7 +298,9 @@ def test_seccomp_filter_blocks_unshare(as_nobody: bool) -> None:
     for name in ("mount_ns", "netns", "pidns"):
         f = probe.fact(name)
         assert not f.available and "user namespace" in (f.reason or "")
-    assert probe.fact("landlock_domain").detail == "unknown"
+    # Landlock still answers under this filter: the layers can be counted, there are none
+    dom = probe.fact("landlock_domain")
+    assert dom.available and dom.detail.startswith("none (") and "E2BIG" in dom.detail
     # bwrap is not asserted: it creates namespaces with clone(), which this filter allows
     assert probe.fact("landlock").available  # still there under the filter
     check_unavailable_facts_explained(probe)
@@ -323,7 +327,14 @@ def test_max_user_namespaces_zero(as_nobody: bool) -> None:
     assert "user.max_user_namespaces is 0" in (userns.reason or "")
     assert "max_user_namespaces" in (userns.remedy or "")
     assert probe.fact("seccomp_active").available
-    # bwrap is not asserted: as (namespaced) root it needs no user namespace and still works
+    bw = probe.fact("bwrap")
+    if os.path.exists("/usr/bin/bwrap"):
+        # We are root in that user namespace, so bwrap runs as the engine would run it: as uid
+        # 65534, which this namespace does not map (and setgroups is denied in it).
+        assert not bw.available, bw
+        assert "cannot run as uid 65534" in bw.detail
+        assert "setgroups(2) is disabled in this user namespace" in (bw.reason or "")
+        assert bw.remedy
     check_unavailable_facts_explained(probe)
 
 
@@ -338,8 +349,8 @@ def test_landlock_domain_forbids_mounts(as_nobody: bool) -> None:
     assert m.step in ("mount private", "mount tmpfs") and m.errno == errno.EPERM
     assert "Landlock domain" in (m.reason or "")
     dom = probe.fact("landlock_domain")
-    assert not dom.available and dom.detail.startswith("active")
-    assert "Landlock domain" in (dom.reason or "") and dom.remedy
+    assert not dom.available and dom.detail.startswith("active: 1 Landlock layer (")
+    assert "mounts forbidden: an active Landlock domain" in (dom.reason or "") and dom.remedy
     assert probe.fact("netns").available  # plain unshares still work
     pid = probe.fact("pidns")
     assert not pid.available and pid.step == "mount proc"
@@ -359,7 +370,9 @@ def test_landlock_hidden_by_enosys(as_nobody: bool) -> None:
     assert not ll.available and ll.errno == errno.ENOSYS
     assert "not built into this kernel (CONFIG_SECURITY_LANDLOCK)" in (ll.reason or "")
     assert "seccomp filter" in (ll.reason or "")  # Seccomp: 2 is visible, so say so too
-    assert ll.remedy
+    # one remedy for each cause the reason names
+    assert "CONFIG_SECURITY_LANDLOCK=y" in (ll.remedy or "")
+    assert "seccomp filter denies landlock_create_ruleset" in (ll.remedy or "")
     assert probe.landlock_abi == 0 and probe.landlock_errata == 0
     assert probe.fact("userns").available  # unshare is not filtered here
     check_unavailable_facts_explained(probe)
@@ -413,4 +426,78 @@ def test_probe_child_killed_by_seccomp(as_nobody: bool) -> None:
     assert "killed by signal SIGSYS" in (userns.reason or "")
     assert "seccomp filter kills" in (userns.reason or "")
     assert not probe.fact("netns").available
+    check_unavailable_facts_explained(probe)
+
+
+def _landlock_domain_with_read_only_proc() -> None:
+    """A Landlock domain like the landlock engine's: everything allowed but /proc, which is
+    read-only (rules add up along a path, so each top-level directory gets its own rule)."""
+    rights = fs_rights(query_abi().abi)
+    read = (1 << 2) | (1 << 3)  # LANDLOCK_ACCESS_FS_READ_FILE | LANDLOCK_ACCESS_FS_READ_DIR
+    attr = RulesetAttr(rights)
+    fd = _libc.syscall("landlock_create_ruleset", ctypes.byref(attr),
+                       ctypes.c_size_t(ctypes.sizeof(attr)), ctypes.c_uint32(0))
+    for name in os.listdir("/"):
+        path = os.path.join("/", name)
+        if os.path.islink(path):
+            continue
+        allowed = read if name == "proc" else rights
+        if not os.path.isdir(path):
+            allowed &= (1 << 0) | (1 << 1) | (1 << 2) | (1 << 14)  # rights valid on a file
+        target = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        rule = PathBeneathAttr(allowed, target)
+        _libc.syscall("landlock_add_rule", ctypes.c_int(fd),
+                      ctypes.c_int(LANDLOCK_RULE_PATH_BENEATH), ctypes.byref(rule),
+                      ctypes.c_uint32(0))
+        os.close(target)
+    _libc.set_no_new_privs()
+    _libc.syscall("landlock_restrict_self", ctypes.c_int(fd), ctypes.c_uint32(0))
+    os.close(fd)
+
+
+@needs_x86_64
+@pytest.mark.parametrize("as_nobody", both_users())
+def test_landlock_domain_with_read_only_proc_is_blamed_not_seccomp(as_nobody: bool) -> None:
+    """Inside a Landlock domain that grants /proc read-only, writing the id maps fails with
+    EACCES. A seccomp filter is active too (Seccomp: 2), but it cannot fail a write to one file:
+    the probe counts the Landlock layers and tests mounts, and names the domain."""
+    if not query_abi().available:
+        pytest.skip("Landlock unavailable")
+
+    def setup() -> None:
+        _landlock_domain_with_read_only_proc()
+        install_errno_filter(NR_LANDLOCK_CREATE_RULESET + 1000, errno.EPERM)  # matches nothing
+
+    probe = probe_in_child(setup, as_nobody)
+    assert not probe.fact("seccomp_active").available  # the filter is there
+    userns = probe.fact("userns")
+    assert not userns.available and userns.step == "setgroups" and userns.errno == errno.EACCES
+    assert "an active Landlock domain (1 Landlock layer above this process)" in (
+        userns.reason or ""), userns
+    assert "seccomp" not in (userns.reason or "") and userns.remedy
+    bw = probe.fact("bwrap")
+    if os.path.exists("/usr/bin/bwrap"):  # bwrap cannot write its maps either, for that reason
+        assert not bw.available and "an active Landlock domain" in (bw.reason or ""), bw
+    dom = probe.fact("landlock_domain")
+    assert not dom.available and dom.detail.startswith("active: 1 Landlock layer (")
+    assert "mounts forbidden: an active Landlock domain" in (dom.reason or "")
+    check_unavailable_facts_explained(probe)
+
+
+@needs_x86_64
+@pytest.mark.parametrize("as_nobody", both_users())
+def test_masked_proc_is_blamed_before_seccomp(as_nobody: bool) -> None:
+    """A fresh proc mount refused under an over-mounted /proc while a seccomp filter is active
+    (one that lets mount through: the tmpfs mount before works): the over-mounts are named."""
+    def setup() -> None:
+        _mask_proc_file()
+        install_errno_filter(NR_LANDLOCK_CREATE_RULESET + 1000, errno.EPERM)  # matches nothing
+
+    probe = probe_in_child(setup, as_nobody)
+    assert not probe.fact("seccomp_active").available
+    assert probe.fact("mount_ns").available
+    pid = probe.fact("pidns")
+    assert not pid.available and pid.step == "mount proc" and pid.errno == errno.EPERM
+    assert MASKED_PROC_FILE in (pid.reason or "") and "over-mounted" in (pid.reason or "")
+    assert "seccomp" not in (pid.reason or "")
     check_unavailable_facts_explained(probe)

@@ -1,10 +1,13 @@
 """What this host offers for sandboxing, and why not: one `Fact` per mechanism.
 
-`probe_host()` reads /proc, asks the kernel (Landlock, seccomp), actually tries every namespace
-in one forked child (inside a fresh user namespace, the way the engines build sandboxes) and
-runs bwrap once if it is installed.  On the development host (kernel 6.18, 2 CPUs) it takes
-about 15-17 ms warm (namespace child 6-8 ms, bwrap run 6-10 ms) and 25-30 ms on the first call
-in a process (lazy import of the seccomp module, dlopen of libseccomp).
+`probe_host()` reads /proc, asks the kernel (Landlock, seccomp), counts the Landlock layers it
+inherited in a forked child (and, if there are any, tests in another whether they forbid
+mounts), actually tries every namespace in one forked child (inside a fresh user namespace, the
+way the engines build sandboxes) and runs bwrap once if it is installed, the way the bwrap
+engine runs it (as uid 65534 when the caller is root, with its namespaces, --proc and --dev).
+On the development host (kernel 6.18, 2 CPUs) it takes about 19-22 ms warm (Landlock layer
+count 3 ms, namespace child 6-8 ms, bwrap run 9-11 ms) and 28-36 ms on the first call in a
+process (lazy import of the seccomp module, dlopen of libseccomp).
 
 Each unavailable fact carries a one-sentence `reason` naming the true cause and a `remedy`;
 `step`/`errno` name the failing setup step for mechanisms that were tried.  The probe travels
@@ -21,6 +24,7 @@ import functools
 import importlib
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -73,10 +77,6 @@ _EXTRA_NAMESPACES = (
     ("cgroupns", CLONE_NEWCGROUP, "cgroup", "max_cgroup_namespaces", "CONFIG_CGROUPS"),
 )
 
-_BWRAP_TEST_ARGS = (
-    "--unshare-all", "--ro-bind", "/usr", "/usr", "--symlink", "usr/lib", "/lib",
-    "--symlink", "usr/lib64", "/lib64", "--symlink", "usr/bin", "/bin", "--", "/usr/bin/true",
-)
 _CHILD_TIMEOUT = 10.0  # seconds for the namespace child (it normally needs a few ms)
 _BWRAP_TIMEOUT = 5.0
 
@@ -277,11 +277,14 @@ def _landlock_fact(host: _Host) -> tuple[Fact, int, int]:
             remedy = "run outside the sandbox whose seccomp profile denies the landlock syscalls"
         else:
             reason = "Landlock is not built into this kernel (CONFIG_SECURITY_LANDLOCK)"
+            remedy = "use a kernel built with CONFIG_SECURITY_LANDLOCK=y (Linux 5.13+)"
             if host.seccomp_mode == 2:
                 reason += (", or the active seccomp filter answers ENOSYS for the landlock "
                            f"syscalls ({host.seccomp_words()})")
-            remedy = ("use a kernel built with CONFIG_SECURITY_LANDLOCK=y (Linux 5.13+); "
-                      "the namespace engine does not need Landlock")
+                remedy += (", or run outside the sandbox whose seccomp filter denies "
+                           "landlock_create_ruleset, landlock_add_rule and landlock_restrict_self "
+                           "(or give it a profile that allows them)")
+            remedy += "; the namespace engine does not need Landlock"
         return Fact("landlock", False, "landlock_create_ruleset: ENOSYS", reason, remedy, step,
                     err), 0, 0
     if err == errno.EOPNOTSUPP:
@@ -671,6 +674,188 @@ _SIGNALS = {int(s) for s in signal.Signals}
 
 
 # ---------------------------------------------------------------------------------------------
+# The Landlock-domain children
+
+# security/landlock/limits.h: LANDLOCK_MAX_NUM_LAYERS, 64 in Linux 5.13-5.18, 16 since 5.19
+# (commit 75c542d6c6cc, "landlock: Reduce the maximum number of layers to 16", also in stable).
+_MAX_LAYERS_OLD, _MAX_LAYERS = 64, 16
+# include/uapi/linux/landlock.h: LANDLOCK_ACCESS_FS_EXECUTE, in the 8-byte ABI 1 ruleset_attr
+_LL_ACCESS_FS_EXECUTE = 1
+# A path that does not exist: /proc/<pid>/ has a fixed set of names (fs/proc/base.c).
+_MISSING_PATH = "/proc/self/sandspawn-probe-missing"
+
+
+@dataclass(frozen=True)
+class _Domain:
+    """Whether we run inside a Landlock domain, and whether it forbids mounts.
+
+    `layers`: Landlock layers we inherited (0: none), None when it cannot be told;
+    `mounts`: "denied" (mount(2) fails with EPERM past path lookup, in a mount namespace we
+    hold CAP_SYS_ADMIN over), "allowed" (it passes the LSM hooks), None when not tested.
+    """
+
+    layers: int | None
+    layers_note: str
+    mounts: str | None
+    mounts_note: str
+
+    @property
+    def fs_domain(self) -> bool:
+        """Known: a Landlock domain that handles filesystem access (so forbids mounts)."""
+        return bool(self.layers) and self.mounts == "denied"
+
+    def layer_words(self) -> str:
+        n = self.layers or 0
+        return f"{n} Landlock layer{'' if n == 1 else 's'}"
+
+
+def _in_child(body: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any] | None, str | None]:
+    """Run `body` in a forked child; (its JSON answer, None) or (None, how the child ended)."""
+    try:
+        r, w = os.pipe()
+    except OSError as exc:
+        return None, f"could not be started: {_errtext(exc.errno)}"
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        os.close(r)
+        os.close(w)
+        return None, f"could not be started: {_errtext(exc.errno)}"
+    if pid == 0:  # child: syscalls, one pipe, os._exit
+        code = 0
+        try:
+            os.close(r)
+            os.write(w, json.dumps(body()).encode())
+        except BaseException:
+            code = 1
+        os._exit(code)
+    os.close(w)
+    data, killed = _read_with_deadline(r, pid, _CHILD_TIMEOUT)
+    os.close(r)
+    _, status = os.waitpid(pid, 0)
+    if killed:
+        return None, f"timed out after {_CHILD_TIMEOUT:g} s"
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        return None, f"killed by signal {signal.Signals(sig).name if sig in _SIGNALS else sig}"
+    try:
+        answer = json.loads(data)
+    except ValueError:
+        return None, f"exited with status {os.waitstatus_to_exitcode(status)} without an answer"
+    return (answer, None) if isinstance(answer, dict) else (None, "answered nonsense")
+
+
+def _count_layers_child() -> dict[str, Any]:
+    # Documentation/userspace-api/landlock.rst: landlock_restrict_self() needs no_new_privs (or
+    # CAP_SYS_ADMIN) and fails with E2BIG once the thread has the maximum number of layers.
+    try:
+        _libc.set_no_new_privs()
+        attr = ctypes.c_uint64(_LL_ACCESS_FS_EXECUTE)
+        fd = _libc.syscall("landlock_create_ruleset", ctypes.pointer(attr),
+                           ctypes.c_size_t(ctypes.sizeof(attr)), ctypes.c_uint32(0))
+    except OSError as exc:
+        return {"errno": exc.errno or 0, "step": "landlock_create_ruleset"}
+    added = 0
+    while added <= _MAX_LAYERS_OLD:
+        try:
+            _libc.syscall("landlock_restrict_self", ctypes.c_int(fd), ctypes.c_uint32(0))
+        except OSError as exc:
+            return {"added": added, "errno": exc.errno or 0, "step": "landlock_restrict_self"}
+        added += 1
+    return {"added": added, "errno": None, "step": "landlock_restrict_self"}
+
+
+def _mount_errno(target: str) -> int:
+    try:
+        _mount(None, target, None, MS_REC | MS_PRIVATE, None)
+    except OSError as exc:
+        return exc.errno or 0
+    return 0
+
+
+def _mount_test_child(sys_admin: bool) -> dict[str, Any]:
+    # man 7 user_namespaces: the creator of a user namespace holds every capability in it, maps
+    # or not, so it may change mounts of a mount namespace created with it.  fs/namespace.c
+    # do_mount() (Linux 6.18): the path lookup comes first (a missing target answers ENOENT),
+    # then security_sb_mount(), whose Landlock hook answers EPERM inside any domain that
+    # handles filesystem access (security/landlock/fs.c hook_sb_mount()), then may_mount().
+    out: dict[str, Any] = {}
+    try:
+        unshare(CLONE_NEWUSER | CLONE_NEWNS)
+        out["how"] = "a new user+mount namespace"
+    except OSError as exc:
+        out["unshare_errno"] = exc.errno or 0
+        if not sys_admin:
+            return out
+        try:
+            unshare(CLONE_NEWNS)
+            out["how"] = "a new mount namespace"
+        except OSError as exc2:
+            out["unshare_ns_errno"] = exc2.errno or 0
+            return out
+    out["control"] = _mount_errno(_MISSING_PATH)
+    out["real"] = _mount_errno("/")
+    return out
+
+
+def _kernel_at_least(major: int, minor: int) -> bool:
+    m = re.match(r"(\d+)\.(\d+)", os.uname().release)
+    return m is not None and (int(m.group(1)), int(m.group(2))) >= (major, minor)
+
+
+def _probe_domain(host: _Host) -> _Domain:
+    """Count the Landlock layers we inherited and, if there may be some, test whether mounts
+    pass the LSM hooks, each in a forked child (adding layers makes mounts fail, so they
+    cannot share one)."""
+    layers: int | None = None
+    got, died = _in_child(_count_layers_child)
+    if got is None:
+        layers_note = f"the layer-counting child {died}"
+    elif "added" not in got:
+        layers_note = f"{got['step']}: {_errtext(got['errno'])}"
+    elif got["errno"] != errno.E2BIG:
+        layers_note = (f"landlock_restrict_self stacked {got['added']} layers, then "
+                       f"{_errtext(got['errno'])} instead of E2BIG")
+    else:
+        added = int(got["added"])
+        limit = (_MAX_LAYERS_OLD if added > _MAX_LAYERS else
+                 _MAX_LAYERS if _kernel_at_least(5, 19) else None)
+        if limit is not None:
+            layers = limit - added
+        if layers is None:
+            layers_note = (f"landlock_restrict_self stacked {added} layers, and this kernel "
+                           f"({os.uname().release}) may allow {_MAX_LAYERS} or "
+                           f"{_MAX_LAYERS_OLD} layers")
+        else:
+            layers_note = (f"landlock_restrict_self stacked {added} of the {limit} layers "
+                           "a thread may have before E2BIG")
+    mounts = None
+    if layers == 0:  # no domain, so none that forbids mounts: spare the second child
+        return _Domain(0, layers_note, None, "not tested: no Landlock domain")
+    got, died = _in_child(functools.partial(_mount_test_child, host.has_sys_admin))
+    if got is None:
+        mounts_note = f"the mount-test child {died}"
+    elif "how" not in got:
+        err = got.get("unshare_ns_errno", got["unshare_errno"])
+        mounts_note = f"no mount namespace to test in (unshare: {_errname(err)})"
+    elif got["control"] != errno.ENOENT:
+        mounts_note = (f"mount(2) on a missing path answers {_errname(got['control'])}, not "
+                       "ENOENT: it is refused before the kernel looks at the path (a seccomp "
+                       "filter)")
+    elif got["real"] == errno.EPERM:
+        mounts, mounts_note = "denied", (
+            f"in {got['how']}, mount(2) reaches the path lookup (ENOENT for a missing path) "
+            "but a remount of / fails with EPERM")
+    elif got["real"] == errno.EACCES:
+        # AppArmor (security/apparmor/mount.c) and SELinux (superblock_has_perm()) deny mounts
+        # with EACCES, Landlock with EPERM (security/landlock/fs.c), Linux 6.18
+        mounts_note = f"in {got['how']}, a remount of / fails with EACCES (an LSM policy)"
+    else:
+        mounts, mounts_note = "allowed", f"in {got['how']}, mounts pass the LSM hooks"
+    return _Domain(layers, layers_note, mounts, mounts_note)
+
+
+# ---------------------------------------------------------------------------------------------
 # Cause analysis
 
 
@@ -702,7 +887,7 @@ def _uid_mapped(uid: int) -> bool:
     return False
 
 
-def _explain_userns(step: str, err: int, host: _Host) -> tuple[str, str]:
+def _explain_userns(step: str, err: int, host: _Host, dom: _Domain) -> tuple[str, str]:
     """(reason, remedy) for a failed user-namespace step; man 2 unshare, man 7 user_namespaces."""
     label = f" (LSM label {host.lsm_label!r})" if host.lsm_label else ""
     if step == "unshare":
@@ -752,7 +937,31 @@ def _explain_userns(step: str, err: int, host: _Host) -> tuple[str, str]:
         if err == errno.ENOMEM:
             return ("the kernel ran out of memory or pid/namespace slots creating the user "
                     "namespace", "free memory and retry")
-    elif err in (errno.EPERM, errno.EACCES):
+    elif err == errno.EACCES:
+        # The child made itself dumpable, so it owns /proc/self/{setgroups,uid_map,gid_map}
+        # (man 5 proc) and the permission bits let it write them: EACCES is an LSM's answer.
+        # A seccomp filter sees only the syscall and its raw arguments, never which file an fd
+        # or a path names (Documentation/userspace-api/seccomp_filter.rst), so it is not this.
+        if dom.layers:
+            who = (f"an active Landlock domain ({dom.layer_words()} above this process) that "
+                   "handles filesystem access forbids" if dom.fs_domain else
+                   f"most likely the active Landlock domain ({dom.layer_words()} above this "
+                   "process; whether it handles filesystem access is unknown: "
+                   f"{dom.mounts_note}) forbids")
+            return (f"{who} writing /proc/self/{step} (it grants no write access to /proc; "
+                    "sandspawn's landlock engine grants /proc read-only), so the id maps of a "
+                    "new user namespace cannot be written"
+                    + ("" if dom.fs_domain else label),
+                    "run sandspawn outside the Landlock-confined parent (or let that domain "
+                    "write /proc); the landlock engine still works (rulesets stack)")
+        if host.apparmor_restrict == 1:
+            return _APPARMOR_REASON, _APPARMOR_REMEDY
+        lsm = ("no Landlock domain is active, so another LSM" if dom.layers == 0 else
+               "an LSM (a Landlock domain, AppArmor, SELinux)")
+        return (f"writing /proc/self/{step} failed with EACCES after unshare succeeded although "
+                f"the permission bits allow it: {lsm} denies it{label}",
+                "check the kernel log for LSM denials")
+    elif err == errno.EPERM:
         if host.apparmor_restrict == 1:
             return _APPARMOR_REASON, _APPARMOR_REMEDY
         if host.seccomp_mode == 2:
@@ -764,7 +973,7 @@ def _explain_userns(step: str, err: int, host: _Host) -> tuple[str, str]:
             "reproduce with `unshare --user --map-root-user true` and check the kernel log")
 
 
-def _explain_mount(step: str, err: int, host: _Host) -> tuple[str, str]:
+def _explain_mount(step: str, err: int, host: _Host, dom: _Domain) -> tuple[str, str]:
     if step == "unshare":
         if err == errno.EPERM and host.seccomp_mode == 2:
             return _seccomp_blocks(host, "unshare(CLONE_NEWNS)"), _SECCOMP_REMEDY
@@ -773,9 +982,19 @@ def _explain_mount(step: str, err: int, host: _Host) -> tuple[str, str]:
             return (f"the mount-namespace limit is used up (user.max_mnt_namespaces is {limit})",
                     "raise user.max_mnt_namespaces or run outside the sandbox that lowered it")
     elif err == errno.EPERM:
+        if dom.fs_domain:
+            return (f"mounts are forbidden: an active Landlock domain ({dom.layer_words()} "
+                    "above this process) handles filesystem access, and such a domain forbids "
+                    "mount and pivot_root even in a new user namespace", _LANDLOCK_DOMAIN_REMEDY)
         if host.seccomp_mode == 2:
+            if dom.layers == 0:
+                return _seccomp_blocks(host, "mount/pivot_root"), _SECCOMP_REMEDY
             return (_seccomp_blocks(host, "mount/pivot_root")
                     + ", or an active Landlock domain forbids mounts", _SECCOMP_REMEDY)
+        if dom.layers == 0:  # security/tomoyo/mount.c denies with EPERM; a BPF LSM may too
+            return ("mounts fail with EPERM although no Landlock domain and no seccomp filter "
+                    "is active: another LSM (TOMOYO, a BPF LSM) forbids them",
+                    "check the kernel log for LSM denials")
         return _LANDLOCK_DOMAIN_REASON, _LANDLOCK_DOMAIN_REMEDY
     elif err == errno.EACCES:
         label = f" (LSM label {host.lsm_label!r})" if host.lsm_label else ""
@@ -817,7 +1036,7 @@ def _explain_ns(name: str, limit_sysctl: str, config: str, err: int,
 # Namespace facts
 
 
-def _namespace_facts(run: _ChildRun, host: _Host) -> list[Fact]:
+def _namespace_facts(run: _ChildRun, host: _Host, dom: _Domain) -> list[Fact]:
     facts: list[Fact] = []
     if run.died and run.died_in is not None and run.get(*run.died_in) is None:
         ns, step = run.died_in
@@ -853,7 +1072,7 @@ def _namespace_facts(run: _ChildRun, host: _Host) -> list[Fact]:
                               f"(user.max_user_namespaces {host.max_user_namespaces}){caps}"))
     else:
         facts.append(_failure_fact("userns", user_fail, user_steps, run, host,
-                                   lambda s, e: _explain_userns(s, e, host)))
+                                   lambda s, e: _explain_userns(s, e, host, dom)))
         base = facts[0]
         for name in ("mount_ns", "netns", "pidns", "ipcns", "utsns", "cgroupns"):
             facts.append(Fact(
@@ -862,8 +1081,7 @@ def _namespace_facts(run: _ChildRun, host: _Host) -> list[Fact]:
                         f"namespace, which failed at step {base.step!r}"
                         + (f" ({_errname(base.errno)})" if base.errno is not None else "")),
                 remedy=base.remedy))
-        facts.append(Fact("landlock_domain", True, "unknown",
-                          reason="cannot be inferred: user namespaces are unavailable"))
+        facts.append(_landlock_domain_fact(None, False, host, dom))
         return facts
 
     # mount_ns
@@ -873,7 +1091,7 @@ def _namespace_facts(run: _ChildRun, host: _Host) -> list[Fact]:
                           "unshare(CLONE_NEWNS), private /, tmpfs mount and pivot_root work")
     else:
         mount_fact = _failure_fact("mount_ns", m_fail, run.for_ns("mount_ns"), run, host,
-                                   lambda s, e: _explain_mount(s, e, host))
+                                   lambda s, e: _explain_mount(s, e, host, dom))
     facts.append(mount_fact)
     mounts_ok = mount_fact.available or (m_fail is not None and m_fail.step == "pivot_root")
 
@@ -906,22 +1124,45 @@ def _namespace_facts(run: _ChildRun, host: _Host) -> list[Fact]:
                                                           "CONFIG_PID_NS", e, host))
     facts += [extra_facts["netns"], pid_fact, extra_facts["ipcns"], extra_facts["utsns"],
               extra_facts["cgroupns"]]
-    facts.append(_landlock_domain_fact(m_fail, host))
+    facts.append(_landlock_domain_fact(m_fail, mount_fact.available, host, dom))
     return facts
+
+
+# Permanently empty procfs directories made to be mounted on (Linux 6.18: fs/binfmt_misc.c
+# register_sysctl_mount_point("fs/binfmt_misc"), fs/proc/root.c proc_create_mount_point(
+# "fs/nfsd")): mnt_already_visible() ignores mounts there (is_empty_dir_inode()).
+_PROC_MOUNT_POINTS = ("/proc/sys/fs/binfmt_misc", "/proc/fs/nfsd")
+
+
+def _hiding_overmounts(host: _Host) -> tuple[str, ...]:
+    """Mounts below /proc that hide part of it (not those on its permanently empty dirs)."""
+    return tuple(dict.fromkeys(p for p in host.proc_overmounts if p not in _PROC_MOUNT_POINTS))
+
+
+def _overmount_reason(hiding: tuple[str, ...]) -> str:
+    shown = ", ".join(hiding[:6]) + (f" and {len(hiding) - 6} more" if len(hiding) > 6 else "")
+    return (f"the existing /proc is partly masked ({shown} over-mounted, as Docker, Podman and "
+            "outer sandboxes such as sandspawn's and bwrap's do), so the kernel refuses a fresh "
+            "proc mount in a user namespace (it is not fully visible)")
+
+
+_OVERMOUNT_REMEDY = ("run the outer sandbox or container with an unmasked /proc (docker "
+                     "--security-opt systempaths=unconfined, podman --security-opt unmask=ALL) "
+                     "or bind-mount the existing /proc into the sandbox")
 
 
 def _proc_failure(err: int, host: _Host) -> Fact:
     step = "mount proc"
-    if err == errno.EPERM and host.seccomp_mode == 2:
+    # fs/namespace.c mount_too_revealing() -> mnt_already_visible() (Linux 6.18): outside the
+    # initial user namespace a new proc mount needs an existing one that is fully visible: no
+    # locked mount on anything but a permanently empty directory below it (and every mount
+    # below /proc is locked in a new user namespace).  The tmpfs mount just before worked, so
+    # mounts as such are allowed: a mount over /proc explains EPERM before a seccomp filter.
+    hiding = _hiding_overmounts(host)
+    if err == errno.EPERM and hiding:
+        reason, remedy = _overmount_reason(hiding), _OVERMOUNT_REMEDY
+    elif err == errno.EPERM and host.seccomp_mode == 2:
         reason, remedy = _seccomp_blocks(host, "mounting proc"), _SECCOMP_REMEDY
-    elif err == errno.EPERM and host.proc_overmounts:
-        shown = ", ".join(host.proc_overmounts[:4]) + (", ..." if len(host.proc_overmounts) > 4
-                                                       else "")
-        reason = (f"the existing /proc is partly masked ({shown} over-mounted, as Docker and "
-                  "Podman do), so the kernel refuses a fresh proc mount in a user namespace")
-        remedy = ("run the container with an unmasked /proc (docker --security-opt "
-                  "systempaths=unconfined, podman --security-opt unmask=ALL) or bind-mount the "
-                  "existing /proc into the sandbox")
     elif err == errno.EPERM:  # tmpfs mounted fine, so neither Landlock nor a mount ban
         reason = ("a fresh proc mount is refused although other mounts work: the existing /proc "
                   "is not fully visible (read-only, or masked by mounts this process cannot "
@@ -959,31 +1200,127 @@ def _failure_fact(name: str, fail: _StepResult | None, steps: list[_StepResult],
                 remedy=remedy, step=fail.step, errno=err)
 
 
-def _landlock_domain_fact(m_fail: _StepResult | None, host: _Host) -> Fact:
-    # Documentation/userspace-api/landlock.rst: a domain handling fs access denies mount(2)
-    if m_fail is None:
-        return Fact("landlock_domain", True, "none (mounts work in a new user+mount namespace)")
-    if m_fail.step == "unshare" or m_fail.errno != errno.EPERM:
-        return Fact("landlock_domain", True, "unknown",
-                    reason=f"cannot be inferred: mount namespace setup failed at {m_fail.step}")
-    if host.seccomp_mode != 0:
-        return Fact("landlock_domain", True, "unknown",
-                    reason=("cannot be inferred: mounts fail with EPERM but a seccomp filter "
-                            f"is active ({host.seccomp_words()}) and could be the cause"))
-    return Fact(
-        "landlock_domain", False,
-        f"active (inferred: {m_fail.step} fails with EPERM with full capabilities in a new "
-        "user namespace and no seccomp filter)",
-        reason=("an outer Landlock domain that handles filesystem access is active: it forbids "
-                "mount and pivot_root, so the namespace engine cannot build a root"),
-        remedy=_LANDLOCK_DOMAIN_REMEDY, step=m_fail.step, errno=errno.EPERM)
+def _landlock_domain_fact(m_fail: _StepResult | None, mounts_worked: bool, host: _Host,
+                          dom: _Domain) -> Fact:
+    """Whether an outer Landlock domain is in the way.  `m_fail`: the namespace child's failed
+    mount step, if it got that far; `mounts_worked`: its mount steps all succeeded.
+    Documentation/userspace-api/landlock.rst: a domain that handles filesystem access denies
+    mount(2) and pivot_root(2)."""
+    if dom.layers == 0:
+        return Fact("landlock_domain", True, f"none ({dom.layers_note})")
+    if dom.layers:
+        words = dom.layer_words()
+        if dom.mounts == "denied":
+            return Fact(
+                "landlock_domain", False, f"active: {words} ({dom.layers_note}); {dom.mounts_note}",
+                reason=(f"mounts forbidden: an active Landlock domain ({words} above this "
+                        "process) handles filesystem access, and such a domain forbids mount "
+                        "and pivot_root even in a new user namespace, so the namespace engine "
+                        "cannot build a root"),
+                remedy=_LANDLOCK_DOMAIN_REMEDY, step="mount", errno=errno.EPERM)
+        if dom.mounts == "allowed":
+            return Fact("landlock_domain", True,
+                        f"active: {words}, but it handles no filesystem access "
+                        f"({dom.mounts_note})")
+        return Fact("landlock_domain", True, f"active: {words}; effect on mounts unknown",
+                    reason=(f"a Landlock domain is active ({dom.layers_note}), but whether it "
+                            f"forbids mounts cannot be tested: {dom.mounts_note}"))
+    # The layer count is unknown (Landlock hidden or refused): infer from mounts alone.
+    if dom.mounts == "allowed":
+        return Fact("landlock_domain", True,
+                    f"none that handles filesystem access ({dom.mounts_note})")
+    if mounts_worked:
+        return Fact("landlock_domain", True,
+                    "none that handles filesystem access (mounts work in a new user+mount "
+                    "namespace)")
+    inferred = dom.mounts == "denied" or (
+        m_fail is not None and m_fail.step != "unshare" and m_fail.errno == errno.EPERM
+        and host.seccomp_mode == 0)
+    if inferred:
+        how = dom.mounts_note if dom.mounts == "denied" else (
+            f"{m_fail.step if m_fail else 'mount'} fails with EPERM with full capabilities in a "
+            "new user namespace and no seccomp filter")
+        return Fact(
+            "landlock_domain", False, f"active (inferred: {how})",
+            reason=("mounts forbidden: most likely an active Landlock domain that handles "
+                    "filesystem access: it forbids mount and pivot_root, so the namespace "
+                    "engine cannot build a root"),
+            remedy=_LANDLOCK_DOMAIN_REMEDY, step=m_fail.step if m_fail else "mount",
+            errno=errno.EPERM)
+    return Fact("landlock_domain", True, "unknown",
+                reason=(f"cannot be inferred: the layers cannot be counted ({dom.layers_note}) "
+                        f"and {dom.mounts_note}"))
 
 
 # ---------------------------------------------------------------------------------------------
 # bwrap
 
 
-def _bwrap_fact(host: _Host, userns: Fact, mount_ns: Fact) -> Fact:
+def _bwrap_test_argv(path: str, version: tuple[int, int, int] | None) -> list[str]:
+    """bwrap running `true` with what engines/bwrap.py bwrap_argv() gives every sandbox: the
+    same namespaces (user, pid, net, uts, ipc, cgroup; a mount namespace always), a tmpfs root
+    with /usr bound read-only, --dev /dev, --proc /proc with its read-only subdirectories,
+    a private /tmp, the read-only remounts, and --disable-userns where bwrap has it."""
+    from .engines import bwrap as engine
+
+    perms = version is not None and version >= engine.MIN_VERSION  # --perms: bubblewrap 0.5
+    argv = [path, "--die-with-parent", "--new-session", "--cap-drop", "ALL", "--clearenv",
+            "--unshare-user", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-ipc",
+            "--unshare-cgroup"]
+    if version is not None and version >= engine.DISABLE_USERNS_VERSION:
+        argv.append("--disable-userns")
+    if os.path.exists("/usr/bin/true"):  # merged /usr: everything comes from /usr
+        true = "/usr/bin/true"
+        argv += ["--ro-bind", "/usr", "/usr"]
+        for top in ("bin", "sbin", "lib", "lib64"):
+            argv += ["--symlink", f"usr/{top}", f"/{top}"]
+    else:
+        true = "/bin/true"
+        argv += ["--ro-bind", "/usr", "/usr"]
+        for top in ("bin", "lib", "lib64"):
+            argv += ["--ro-bind-try", f"/{top}", f"/{top}"]
+    argv += ["--dev", "/dev", *(["--perms", "1777"] if perms else []), "--tmpfs", "/dev/shm",
+             "--proc", "/proc"]
+    for sub in engine.PROC_READ_ONLY:
+        argv += ["--ro-bind-try", f"/proc/{sub}", f"/proc/{sub}"]
+    argv += [*(["--perms", "1777"] if perms else []), "--tmpfs", "/tmp", "--remount-ro", "/dev",
+             "--remount-ro", "/", "--chdir", "/", "--", true]
+    return argv
+
+
+_MAP_STEPS = ("setgroups", "uid_map", "gid_map")  # the namespace child's map-writing steps
+_DROP_FAILED = 126  # exit status of the bwrap child that could not become the engine's uid
+_DROP_MARK = "sandspawn-probe-cannot-become"
+
+
+def _drop_to(uid: int, gid: int) -> Callable[[], None]:
+    """preexec_fn: become uid/gid as engines' bwrap_warm_main (_child._drop_identity) does."""
+    from .confine import caps
+
+    setpcap, last = caps.has_setpcap(), caps.last_cap()
+
+    def drop() -> None:  # runs in the forked child, before exec
+        step = "PR_CAPBSET_DROP"
+        try:
+            if setpcap:
+                caps.drop_bounding_set(last)
+            step = "setgroups"
+            os.setgroups([])
+            step = "setresgid"
+            os.setresgid(gid, gid, gid)
+            step = "setresuid"
+            os.setresuid(uid, uid, uid)
+        except OSError as exc:
+            os.write(2, f"{_DROP_MARK} {uid} {step} {_errname(exc.errno)}\n".encode())
+            os._exit(_DROP_FAILED)
+
+    return drop
+
+
+def _bwrap_fact(host: _Host, userns: Fact, mount_ns: Fact, pidns: Fact) -> Fact:
+    from .confine.namespaces import NOBODY
+    from .engines.bwrap import parse_version
+
     path = shutil.which("bwrap")
     if path is None:
         return Fact("bwrap", False, "not found in PATH",
@@ -1005,28 +1342,56 @@ def _bwrap_fact(host: _Host, userns: Fact, mount_ns: Fact) -> Fact:
     except (OSError, subprocess.SubprocessError):
         pass
     desc = f"{path} {version}, {'setuid root' if setuid else 'not setuid'}"
+    argv = _bwrap_test_argv(path, parse_version(version))
+    # The engine runs bwrap as the payload's uid (65534) when the caller is root
+    # (_child.bwrap_warm_main), so it must work as that uid: root needs no new user namespace
+    # for its own mounts, 65534 does (man 7 user_namespaces).
+    root = os.geteuid() == 0
+    uid = NOBODY if root else os.geteuid()
+    as_uid = f"as uid {uid}" + (" (dropped from root, as the engine does)" if root else "")
+    what = (f"bwrap {as_uid} with the engine's namespaces, --proc /proc and --dev /dev, "
+            "running true")
     try:
-        res = subprocess.run([path, *_BWRAP_TEST_ARGS], capture_output=True, text=True,
-                             timeout=_BWRAP_TIMEOUT, stdin=subprocess.DEVNULL, check=False)
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=_BWRAP_TIMEOUT,
+                             stdin=subprocess.DEVNULL, check=False, cwd="/",
+                             preexec_fn=_drop_to(NOBODY, NOBODY) if root else None)
     except subprocess.TimeoutExpired:
-        return Fact("bwrap", False, desc,
-                    reason=f"bwrap --unshare-all ... true did not finish within "
-                           f"{_BWRAP_TIMEOUT:g} s",
+        return Fact("bwrap", False, f"{desc}, {as_uid}",
+                    reason=f"{what} did not finish within {_BWRAP_TIMEOUT:g} s",
                     remedy="run the bwrap command by hand to see where it hangs")
     except OSError as exc:
-        return Fact("bwrap", False, desc, reason=f"cannot execute {path}: {_errtext(exc.errno)}",
+        return Fact("bwrap", False, f"{desc}, {as_uid}",
+                    reason=f"cannot execute {path}: {_errtext(exc.errno)}",
                     remedy="apt install --reinstall bubblewrap", errno=exc.errno)
+    if res.returncode == _DROP_FAILED and res.stderr.startswith(_DROP_MARK):
+        err = " ".join(res.stderr.split()[2:4])  # "setresuid EINVAL"
+        if err.endswith("EINVAL") and err.startswith("setres"):  # man 2 setresuid
+            why = f"uid/gid {uid} has no mapping in this user namespace ({err})"
+        elif err == "setgroups EPERM" and (_read("/proc/self/setgroups") or "").strip() == "deny":
+            # man 7 user_namespaces: /proc/PID/setgroups "deny" (Linux 3.19+)
+            why = "setgroups(2) is disabled in this user namespace (/proc/self/setgroups: deny)"
+        else:
+            why = err.replace(" ", " failed with ", 1)
+        return Fact("bwrap", False, f"{desc}, cannot run {as_uid}: {err}",
+                    reason=(f"the bwrap engine runs bwrap as uid {uid} when the caller is root, "
+                            f"but this process cannot become it: {why}"),
+                    remedy=(f"map uid and gid {uid} in this user namespace and leave setgroups "
+                            "allowed (as newuidmap/newgidmap do for rootless containers), or run "
+                            "sandspawn as an unprivileged user"))
     if res.returncode == 0:
-        return Fact("bwrap", True, desc + ", works (--unshare-all)")
+        return Fact("bwrap", True, f"{desc}, works {as_uid} with user, pid, net, ipc, uts and "
+                    "cgroup namespaces, --proc, --dev"
+                    + (", --disable-userns" if "--disable-userns" in argv else ""))
     message = " ".join(res.stderr.strip().splitlines()[:2]) or f"exit status {res.returncode}"
-    reason, remedy = _explain_bwrap(message, host, userns, mount_ns, setuid)
-    return Fact("bwrap", False, f"{desc}, fails: {message}", reason=reason, remedy=remedy)
+    reason, remedy = _explain_bwrap(message, host, userns, mount_ns, pidns, setuid, uid)
+    return Fact("bwrap", False, f"{desc}, fails {as_uid}: {message}", reason=reason,
+                remedy=remedy)
 
 
-def _explain_bwrap(message: str, host: _Host, userns: Fact, mount_ns: Fact,
-                   setuid: bool) -> tuple[str, str]:
+def _explain_bwrap(message: str, host: _Host, userns: Fact, mount_ns: Fact, pidns: Fact,
+                   setuid: bool, uid: int) -> tuple[str, str]:
     low = message.lower()
-    quoted = f'bwrap says "{message}"'
+    quoted = f'bwrap (as uid {uid}) says "{message}"'
     denied = "permission denied" in low or "operation not permitted" in low
     nnp_note = ""
     with contextlib.suppress(OSError):
@@ -1035,14 +1400,38 @@ def _explain_bwrap(message: str, host: _Host, userns: Fact, mount_ns: Fact,
     if any(k in low for k in ("uid map", "gid map", "setgroups")) and denied:
         if host.apparmor_restrict == 1:
             return f"{quoted}: {_APPARMOR_REASON}", _APPARMOR_REMEDY
+        if not userns.available and userns.step in _MAP_STEPS and userns.reason:
+            return f"{quoted}: {userns.reason}{nnp_note}", userns.remedy or _SECCOMP_REMEDY
         return (f"{quoted}: writing the user-namespace maps is refused{nnp_note}",
                 userns.remedy or "check the kernel log for LSM denials")
-    if "no permissions to creating new namespace" in low or "unprivileged_userns_clone" in low:
-        return (f"{quoted}: unprivileged user namespaces are disabled{nnp_note}",
-                "sysctl -w kernel.unprivileged_userns_clone=1 (as root) or make bwrap setuid")
-    if "no space left on device" in low:
-        return (f"{quoted}: " + (userns.reason or "a namespace limit is used up"),
-                userns.remedy or "raise user.max_user_namespaces")
+    # bubblewrap's message for EPERM from clone(CLONE_NEWUSER | ...) (bubblewrap.c): "No
+    # permissions to create new namespace" in 0.8.0, "... to creating new ..." in older releases.
+    if ("no permissions to create new namespace" in low
+            or "no permissions to creating new namespace" in low
+            or "unprivileged_userns_clone" in low):
+        if host.seccomp_mode == 2:  # the filter answers EPERM before any sysctl is consulted
+            return (f"{quoted}: {_seccomp_blocks(host, 'creating namespaces (clone/unshare)')}"
+                    f"{nnp_note}", _SECCOMP_REMEDY)
+        if host.userns_clone == 0:
+            return (f"{quoted}: unprivileged user namespaces are disabled "
+                    f"(kernel.unprivileged_userns_clone=0){nnp_note}",
+                    "sysctl -w kernel.unprivileged_userns_clone=1 (as root) or make bwrap setuid")
+        if not userns.available and userns.reason:
+            return f"{quoted}: {userns.reason}{nnp_note}", userns.remedy or _SECCOMP_REMEDY
+        return (f"{quoted}: creating a user namespace is refused with EPERM{nnp_note}",
+                "reproduce with `unshare --user --map-root-user true` and check the kernel log")
+    if "no space left on device" in low or "enospc" in low:
+        if not userns.available and userns.errno == errno.ENOSPC and userns.reason:
+            return f"{quoted}: {userns.reason}", userns.remedy or _SECCOMP_REMEDY
+        return (f"{quoted}: a namespace limit is used up (user.max_*_namespaces count per user "
+                f"and namespace; bwrap runs as uid {uid})",
+                "raise user.max_user_namespaces (and the other user.max_*_namespaces)")
+    if denied and "proc" in low and "mount" in low and mount_ns.available:
+        if not pidns.available and pidns.step == "mount proc" and pidns.reason:
+            return f"{quoted}: {pidns.reason}", pidns.remedy or _OVERMOUNT_REMEDY
+        hiding = _hiding_overmounts(host)
+        if hiding:
+            return f"{quoted}: {_overmount_reason(hiding)}", _OVERMOUNT_REMEDY
     if denied and any(k in low for k in ("mount", "slave", "pivot", "remount")):
         if not mount_ns.available and mount_ns.reason:
             return f"{quoted}: {mount_ns.reason}", mount_ns.remedy or _LANDLOCK_DOMAIN_REMEDY
@@ -1179,7 +1568,7 @@ def probe_host() -> HostProbe:
                            f"process; this process has {n} threads")
     host = _gather_host()
     landlock, abi, errata = _landlock_fact(host)
-    ns_facts = _namespace_facts(_run_ns_child(), host)
+    ns_facts = _namespace_facts(_run_ns_child(), host, _probe_domain(host))
     by_name = {f.name: f for f in ns_facts}
     facts = [
         landlock,
@@ -1188,7 +1577,7 @@ def probe_host() -> HostProbe:
         _no_new_privs_fact(),
         _capabilities_fact(host),
         *ns_facts,
-        _bwrap_fact(host, by_name["userns"], by_name["mount_ns"]),
+        _bwrap_fact(host, by_name["userns"], by_name["mount_ns"], by_name["pidns"]),
         _cgroup2_fact(),
         _flatpak_fact(),
         _snap_fact(host),
