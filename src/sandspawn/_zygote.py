@@ -38,9 +38,12 @@ MAX_WARM = 4  # policies with pre-forked children waiting
 # Children kept ready per policy: with two, back-to-back spawns of one policy find one ready
 # while the next is being forked.
 WARM_PER_POLICY = 2
-# The next child for a policy is forked once the payload exits, or after this long if it runs
-# on: not while a short payload runs, whose exit would wait for the fork.
+# The next child for a policy is forked shortly after the payload exits, or after this long if
+# it runs on: not while a short payload runs, whose exit would wait for the fork.
 PREFORK_DELAY = 0.005
+# After an exit, the caller's next steps (reading the output, the next spawn, which finds the
+# policy's second ready child) come first; the fork that refills the pool waits this long.
+REFILL_DELAY = 0.002
 # What a pre-forked child is specialised for; everything else comes with the exec request.
 PLAN_KEYS = ("engine", "landlock", "seccomp", "uid", "gid", "rlimits", "private_tmpdir",
               "tmp_access", "namespaces", "mounts", "hostname", "loopback", "inside_uid",
@@ -398,8 +401,9 @@ class Zygote:
                 self._send(box.status, msg)
             box.status.close()
             box.status = None
-        if box.key in self.wanted:
-            self._prefork_due(box.key)
+        if box.key in self.wanted:  # the payload ended: refill soon, not under the caller's feet
+            when, spec = self.wanted[box.key]
+            self.wanted[box.key] = (min(when, time.monotonic() + REFILL_DELAY), spec)
 
     def _on_status(self, box: _Box) -> None:
         if box.status is None:  # closed by an earlier event of the same select() round
