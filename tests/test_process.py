@@ -238,3 +238,16 @@ def test_pass_fds_reach_the_payload_at_the_same_number(opts: dict[str, Any]) -> 
     os.close(r)
     fds = sorted(int(x) for x in res.stdout.split())
     assert target in fds and set(fds) <= {0, 1, 2, 3, target}  # 3: listdir's own fd
+
+
+def test_payload_starts_with_default_signal_dispositions(opts: dict[str, Any]) -> None:
+    """Python ignores SIGPIPE and SIGXFSZ at start-up; an ignored signal stays ignored across
+    execve, so every engine must reset them (`yes | head -c1` must not print "Broken pipe")."""
+    res = sandspawn.run(["sh", "-c", "grep -E '^Sig(Ign|Blk):' /proc/self/status"],
+                        capture_output=True, text=True, cwd="/", **opts)
+    assert res.returncode == 0, res.stderr
+    fields = dict(line.split(":\t") for line in res.stdout.splitlines())
+    ignored, blocked = int(fields["SigIgn"], 16), int(fields["SigBlk"], 16)
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        assert not ignored & (1 << (sig - 1)), (sig, fields)
+    assert blocked == 0, fields

@@ -325,6 +325,11 @@ def main(argv: list[str]) -> None:
                     os._exit(127)  # the receiver said no (or is gone): run nothing
         if cfg.rlimits:
             _rlimits(cfg.rlimits)
+        # Python ignores SIGPIPE and SIGXFSZ at start-up, and an ignored signal stays ignored
+        # across execve (man 2 execve): the payload must get the default dispositions.
+        import signal
+        for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+            signal.signal(sig, signal.SIG_DFL)
         try:
             os.execve(cfg.exe, argv[3:], cfg.env)
         except OSError as exc:
