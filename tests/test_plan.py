@@ -237,3 +237,29 @@ def test_native_shared_network_needs_scopes_for_ipc(probe: HostProbe) -> None:
     assert plan.landlock is not None
     assert plan.landlock.scoped == landlock.Scope.ABSTRACT_UNIX_SOCKET
     assert not plan.loopback
+
+
+@pytest.mark.parametrize("engine", ["native", "landlock", "bwrap"])
+def test_filesystem_meaning_without_private_tmp_says_so(engine: str, probe: HostProbe) -> None:
+    """private_tmp = false: no meaning may promise a private /tmp."""
+    base = Policy.load("strict")
+    policy = dataclasses.replace(base, filesystem=dataclasses.replace(base.filesystem,
+                                                                      private_tmp=False))
+    weaker = {"processes"} if engine == "landlock" else set()
+    host = probe
+    private = make_plan(base, host, engine=engine, allow_weaker=weaker)
+    shared = make_plan(policy, host, engine=engine, allow_weaker=weaker)
+    assert "private" in private.report.line("filesystem").meaning
+    text = shared.report.line("filesystem").meaning
+    assert "/tmp is not private" in text
+    assert "private tmpfs" not in text and "private /tmp" not in text
+
+
+@pytest.mark.parametrize("engine", ["auto", "native", "landlock", "bwrap"])
+@pytest.mark.parametrize("ids", [(0, 65534), (65534, 0), (0, 0)])
+def test_root_caller_payload_is_never_host_root(engine: str, ids: tuple[int, int],
+                                                probe: HostProbe) -> None:
+    uid, gid = ids
+    with pytest.raises(PolicyError, match="must not run as host uid or gid 0"):
+        make_plan(Policy.load("strict"), probe, engine=engine, caller_uid=0,
+                  allow_weaker={"processes"}, uid=uid, gid=gid)

@@ -251,3 +251,108 @@ def test_payload_starts_with_default_signal_dispositions(opts: dict[str, Any]) -
     for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         assert not ignored & (1 << (sig - 1)), (sig, fields)
     assert blocked == 0, fields
+
+
+# --- subprocess compatibility (found by scripts/cpython-subprocess-check) ----------------------
+
+
+def test_communicate_large_input_and_output_does_not_deadlock(opts: dict[str, Any]) -> None:
+    code = ("import sys; sys.stdin.buffer.read(1); sys.stdout.buffer.write(b'y' * (1 << 20));"
+            " sys.stdout.flush(); sys.stdout.buffer.write(bytes([len(sys.stdin.buffer.read())"
+            " % 251]))")
+    res = sandspawn.run(["python3", "-c", code], input=b"x" * (1 << 20), capture_output=True,
+                        timeout=30, cwd="/", **opts)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout[:-1] == b"y" * (1 << 20) and res.stdout[-1] == ((1 << 20) - 1) % 251
+
+
+def test_timeout_carries_output_and_communicate_resumes(opts: dict[str, Any]) -> None:
+    proc = sandspawn.Popen(["sh", "-c", "echo early; sleep 1; echo late"],
+                           stdout=sandspawn.PIPE, cwd="/", **opts)
+    with pytest.raises(subprocess.TimeoutExpired) as info:
+        proc.communicate(timeout=0.5)
+    assert info.value.output == b"early\n"
+    out, err = proc.communicate(timeout=10)
+    assert (out, err, proc.returncode) == (b"early\nlate\n", None, 0)
+
+
+def test_text_mode_translates_newlines_like_subprocess(opts: dict[str, Any]) -> None:
+    res = sandspawn.run(["printf", "a\\r\\nb\\rc\\n"], capture_output=True, text=True, cwd="/",
+                        **opts)
+    assert res.stdout == "a\nb\nc\n"
+
+
+def test_stdin_of_an_exited_payload_is_not_an_error(opts: dict[str, Any]) -> None:
+    with sandspawn.Popen(["true"], stdin=sandspawn.PIPE, cwd="/", **opts) as proc:
+        proc.wait(10)
+        assert proc.stdin is not None
+        proc.stdin.write(b"x" * 1000)  # buffered: the pipe breaks at the flush
+        assert proc.communicate(timeout=10) == (None, None)
+    assert proc.returncode == 0
+
+
+def test_wait_from_two_threads(opts: dict[str, Any]) -> None:
+    import threading
+
+    proc = sandspawn.Popen(["sleep", "30"], cwd="/", **opts)
+    results: list[object] = []
+
+    def waiter() -> None:
+        try:
+            results.append(proc.wait(10))
+        except BaseException as exc:  # collected for the assertion below
+            results.append(exc)
+
+    other = threading.Thread(target=waiter)
+    other.start()
+    time.sleep(0.2)
+    proc.kill()
+    results.append(proc.wait(10))
+    other.join(10)
+    assert results == [-signal.SIGKILL, -signal.SIGKILL]
+
+
+def test_bad_strings_are_refused_before_any_sandbox(opts: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match="null byte"):
+        sandspawn.Popen(["true", "a\0b"], cwd="/", **opts)
+    with pytest.raises(ValueError, match="environment variable name"):
+        sandspawn.Popen(["true"], env={"A=B": "c"}, cwd="/", **opts)
+
+
+def test_popen_is_generic() -> None:
+    assert sandspawn.Popen[bytes] is not None
+
+
+CLOSED_STDIO = """
+import os, sys, sandspawn
+os.close(0)
+os.close(1)
+opts = {"engine": sys.argv[1]}
+if sys.argv[1] == "landlock":
+    opts["allow_weaker"] = {"processes"}
+code = ("import os, sys; q = chr(34); print(os.readlink('/proc/self/fd/0'),"
+        " os.readlink('/proc/self/fd/1'), file=sys.stderr);"
+        " os.write(1, ('{' + q + 'exit' + q + ': 0}').encode())")
+proc = sandspawn.Popen(["python3", "-c", code], stderr=sandspawn.PIPE, cwd="/", **opts)
+_, err = proc.communicate(timeout=20)
+sys.stderr.write(f"{proc.returncode} {err.decode()}")
+"""
+
+
+@pytest.mark.parametrize("engine", ["native", "landlock", "bwrap"])
+def test_closed_caller_stdio_never_reaches_the_payload_as_our_socket(engine: str) -> None:
+    """With the caller's fds 0 and 1 closed, the payload gets /dev/null there, never one of
+    sandspawn's own sockets (through which it could forge its exit status)."""
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", CLOSED_STDIO, engine], capture_output=True,
+                         text=True, timeout=60, cwd="/")
+    code, fd0, fd1 = res.stderr.split()[:3]
+    assert (code, fd0, fd1) == ("0", "/dev/null", "/dev/null"), res.stderr
+
+
+def test_missing_program_is_also_a_file_not_found_error(opts: dict[str, Any]) -> None:
+    with pytest.raises(FileNotFoundError) as info:
+        sandspawn.Popen(["/usr/bin/no-such-program"], cwd="/", **opts)
+    assert isinstance(info.value, sandspawn.SpawnError)
+    assert info.value.filename == "/usr/bin/no-such-program"

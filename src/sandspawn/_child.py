@@ -17,6 +17,11 @@ caller itself, which saves a hop through the zygote each way. JSON messages, wit
 
 Pid 1 of a namespace sandbox cannot know the payload's pid in the zygote's pid namespace, so
 it takes the zygote's way for "started".
+
+With a cgroup of its own (spec "cgroup_dir", made by the zygote), the child joins it before
+anything else (`_join_cgroup`: before the uid drop, before entering namespaces, so a cgroup
+namespace is rooted there). With "cgroup_relay" (the cgroup has limits) it sends {"exit"} to
+the zygote only: the zygote adds the cgroup's outcome and tells the caller.
 """
 
 from __future__ import annotations
@@ -135,6 +140,23 @@ def _fresh_child(sock_fd: int) -> None:
     signal.pthread_sigmask(signal.SIG_SETMASK, ())
 
 
+def _join_cgroup(spec: dict[str, Any]) -> None:
+    """Move this process into the sandbox's cgroup (writing "0" to cgroup.procs names the
+    writer): everything the sandbox starts is in it. Fails closed: the plan said it holds."""
+    path = spec.get("cgroup_dir")
+    if path is None:
+        return
+    try:
+        fd = os.open(os.path.join(path, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, b"0")
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise _StepFailed("cgroup", exc.errno or 0,
+                          f"joining the sandbox's cgroup {path}: {exc.strerror}") from None
+
+
 def _lock_down(spec: dict[str, Any], bpf: bytes | None) -> None:
     """The last layers, in this order: capabilities → no_new_privs → Landlock → seccomp.
 
@@ -216,11 +238,15 @@ def start_payload(sock: socket.socket, status: socket.socket, req: dict[str, Any
     return pid
 
 
-def _report_exit(sock: socket.socket, status: socket.socket, wait_status: int) -> None:
-    try:
-        _send(status, {"exit": wait_status})
-    except OSError:
-        pass  # the caller went away: the zygote still wants to know
+def _report_exit(sock: socket.socket, status: socket.socket, wait_status: int,
+                 relay: bool = False) -> None:
+    """Tell the caller, then the zygote; with `relay` (a sandbox cgroup) only the zygote, which
+    tells the caller with the cgroup's outcome."""
+    if not relay:
+        try:
+            _send(status, {"exit": wait_status})
+        except OSError:
+            pass  # the caller went away: the zygote still wants to know
     _send(sock, {"exit": wait_status})
 
 
@@ -342,6 +368,7 @@ def warm_main(sock_fd: int, spec: dict[str, Any], bpf: bytes | None, parent: int
     gc.disable()  # a short-lived child: collecting would only copy the zygote's pages
     try:
         _fresh_child(sock_fd)
+        _join_cgroup(spec)
         specialize(spec, bpf, parent, host)
         sock = socket.socket(fileno=sock_fd)
         status, req, fds = _recv_assignment(sock)
@@ -351,7 +378,7 @@ def warm_main(sock_fd: int, spec: dict[str, Any], bpf: bytes | None, parent: int
         os._exit(127)
     try:
         _, wait_status = os.waitpid(payload, 0)
-        _report_exit(sock, status, wait_status)
+        _report_exit(sock, status, wait_status, bool(spec.get("cgroup_relay")))
     except BaseException:
         os.killpg(0, signal.SIGKILL)
     os._exit(0)
@@ -370,6 +397,7 @@ def native_warm_main(sock_fd: int, spec: dict[str, Any], bpf: bytes | None, pare
     gc.disable()  # a short-lived child: collecting would only copy the zygote's pages
     try:
         _fresh_child(sock_fd)
+        _join_cgroup(spec)
         _step("user namespace", _enter_namespaces, spec)
         # After the uid change (which clears it): die with the zygote. The waiter has no
         # payload of its own: SIGKILL, and pid 1 follows (its PDEATHSIG is on the waiter).
@@ -379,7 +407,8 @@ def native_warm_main(sock_fd: int, spec: dict[str, Any], bpf: bytes | None, pare
         sock = socket.socket(fileno=sock_fd)
         status: list[socket.socket] = []  # pid 1's copy of the caller's status socket
         namespaces.fork_init(start=lambda: _native_pid1(sock, status, spec, bpf, host),
-                             on_exit=lambda st: _report_exit(sock, status[0], st))
+                             on_exit=lambda st: _report_exit(sock, status[0], st,
+                                                             bool(spec.get("cgroup_relay"))))
     except BaseException as exc:
         _send_error(sock_fd, exc)
     os._exit(127)
@@ -433,6 +462,7 @@ def bwrap_warm_main(sock_fd: int, spec: dict[str, Any], bpf: bytes | None, paren
     gc.disable()
     try:
         _fresh_child(sock_fd)
+        _join_cgroup(spec)
         _step("setsid", os.setsid)
         if spec.get("uid") is not None and os.geteuid() == 0:
             # The payload must be host uid 65534 (not root inside a root-owned user namespace).
@@ -451,7 +481,8 @@ def bwrap_warm_main(sock_fd: int, spec: dict[str, Any], bpf: bytes | None, paren
         _, wait_status = os.waitpid(bwrap_pid, 0)
         code = _bwrap_exit_code(handover)
         # bwrap reports a payload killed by signal N as exit code 128 + N, like a shell.
-        _report_exit(sock, status, (code & 0xFF) << 8 if code is not None else wait_status)
+        _report_exit(sock, status, (code & 0xFF) << 8 if code is not None else wait_status,
+                     bool(spec.get("cgroup_relay")))
     except BaseException:
         os.killpg(0, signal.SIGKILL)
     os._exit(0)

@@ -21,7 +21,7 @@ Handshake (when the config names a report fd, an AF_UNIX SOCK_SEQPACKET socket A
   received fd), or carries "step\\0errno\\0detail" when the rlimits or execve fail (exit 127).
 Without a report fd, failures go to stderr.
 
-It is on the spawn path: it imports only os, sys and small C-backed modules (ctypes, struct,
+It is on the spawn path: it imports only os, sys, signal and small C-backed modules (ctypes, struct,
 resource, _socket; json or typing would double its start-up time), and it must run on whatever
 Python 3 (>= 3.7) the sandbox shows: no annotations evaluated at run time, no match statements.
 """
@@ -31,6 +31,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import signal
 import stat
 import struct
 import sys
@@ -327,7 +328,6 @@ def main(argv: list[str]) -> None:
             _rlimits(cfg.rlimits)
         # Python ignores SIGPIPE and SIGXFSZ at start-up, and an ignored signal stays ignored
         # across execve (man 2 execve): the payload must get the default dispositions.
-        import signal
         for sig in (signal.SIGPIPE, signal.SIGXFSZ):
             signal.signal(sig, signal.SIG_DFL)
         try:

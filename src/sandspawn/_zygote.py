@@ -8,8 +8,18 @@ and reports back. The zygote relays to the status socket:
 
     {"started": pid}  + the payload's pidfd      or      {"error": [step, errno, detail]}
     {"exit": wait_status, "timed_out": bool}       when the payload has exited
+        (+ "cgroup": the sandbox cgroup's outcome, confine.cgroups.CgroupOutcome.to_json())
 
 and obeys {"kill": true} on that socket (the whole sandbox is killed).
+
+When the plan gives each sandbox a cgroup v2 of its own (spec "cgroup"), the zygote detects the
+cgroup hierarchy once, creates the sandbox's cgroup (and sets its limits) before the fork, and
+the child joins it first thing. kill() then also writes cgroup.kill, which catches processes
+that left the sandbox's process group or session. With limits on the cgroup (spec "cgroup"
+"relay") the child reports the exit to us only, and we tell the caller with the cgroup's
+outcome (OOM kills, forks refused by pids.max); without, the child tells the caller as usual
+(a hop less) and the outcome comes only when we tell (killed, timed out). The cgroup is
+removed after that (a still populated one on a later tick).
 When the control socket reaches EOF (the caller exited, however it died), the zygote kills every
 sandbox it started, reaps everything (it is a child subreaper, so orphans come back to it) and
 exits.
@@ -17,6 +27,7 @@ exits.
 
 from __future__ import annotations
 
+import errno
 import gc
 import json
 import os
@@ -41,13 +52,17 @@ WARM_PER_POLICY = 2
 # The next child for a policy is forked shortly after the payload exits, or after this long if
 # it runs on: not while a short payload runs, whose exit would wait for the fork.
 PREFORK_DELAY = 0.005
+# A sandbox cgroup still populated after its sandbox ended is removed on a later tick: retried
+# this often, given up (left in place) after CGROUP_GIVE_UP seconds.
+CGROUP_RETRY = 0.01
+CGROUP_GIVE_UP = 30.0
 # After an exit, the caller's next steps (reading the output, the next spawn, which finds the
 # policy's second ready child) come first; the fork that refills the pool waits this long.
 REFILL_DELAY = 0.002
 # What a pre-forked child is specialised for; everything else comes with the exec request.
 PLAN_KEYS = ("engine", "landlock", "seccomp", "uid", "gid", "rlimits", "private_tmpdir",
               "tmp_access", "namespaces", "mounts", "hostname", "loopback", "inside_uid",
-              "inside_gid", "bwrap")
+              "inside_gid", "bwrap", "cgroup")
 _MAINS = {"landlock": _child.warm_main, "native": _child.native_warm_main,
           "bwrap": _child.bwrap_warm_main}
 _REQUEST_KEYS = ("argv", "executable", "cwd", "cwd_fallback", "fds")
@@ -57,9 +72,10 @@ class _Box:
     """A pre-forked child: first waiting for its request ("warm"), then a running sandbox."""
 
     __slots__ = ("pid", "sock", "tmpdir", "native", "status", "deadline", "timed_out",
-                 "started", "told", "reaped", "sock_open", "key")
+                 "started", "told", "reaped", "sock_open", "key", "cgroup", "relay")
 
-    def __init__(self, pid: int, sock: socket.socket, tmpdir: str | None, native: bool) -> None:
+    def __init__(self, pid: int, sock: socket.socket, tmpdir: str | None, native: bool,
+                 cgroup: str | None = None) -> None:
         self.pid = pid  # our child: the landlock engine's parent of the payload, or the
         # namespace sandbox's waiter (outside its pid namespace)
         self.sock = sock  # to the child (pid 1 of a namespace sandbox)
@@ -73,11 +89,14 @@ class _Box:
         self.reaped: int | None = None  # our child's wait status
         self.sock_open = True
         self.key = ""  # the policy it was forked for
+        self.cgroup = cgroup  # the sandbox's own cgroup directory, if it has one
+        self.relay = False  # the child reports the exit to us only: we add the outcome
 
     def kill(self) -> None:
         """SIGKILL the whole sandbox: the process group of the landlock engine's child and
         payload, or a namespace sandbox's waiter, whose death kills pid 1 (PDEATHSIG) and
-        with it the namespace."""
+        with it the namespace; and, with a cgroup of its own, every process in it
+        (cgroup.kill: also those that left the process group or session)."""
         try:
             if not self.native:
                 # A process group's id is not reused while the group has members.
@@ -85,6 +104,55 @@ class _Box:
             elif self.reaped is None:  # a reaped waiter's pid may belong to a stranger
                 os.kill(self.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
+            pass
+        if self.cgroup is not None:
+            _cgroup_kill(self.cgroup)
+
+
+class _CgroupFailed(OSError):
+    """The sandbox's cgroup could not be made: a setup failure of step "cgroup"."""
+
+    step = "cgroup"
+
+
+def _cgroup_kill(path: str) -> None:
+    # cgroup.kill (Linux 5.14): SIGKILL to every process in the cgroup and below, atomically
+    # with respect to forks (cgroup-v2.rst, "Core Interface Files").
+    try:
+        fd = os.open(os.path.join(path, "cgroup.kill"), os.O_WRONLY | os.O_CLOEXEC)
+    except OSError:
+        return  # removed already
+    try:
+        os.write(fd, b"1")
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# An empty sandbox cgroup this old whose zygote is gone was left by a zygote that was killed.
+STALE_AGE = 60.0
+
+
+def _sweep_stale(base: str, prefix: str) -> None:
+    """rmdir the empty sandbox cgroups ("PREFIX<zygote pid>-N-HEX") of zygotes that no longer
+    exist (SIGKILLed before their shutdown). A populated one fails with EBUSY and stays; the
+    age check keeps us off a live zygote's in another pid namespace that is being prepared."""
+    now = time.time()
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return
+    for name in names:
+        parts = name[len(prefix):].split("-")
+        if not name.startswith(prefix) or len(parts) != 3 or not parts[0].isdigit():
+            continue
+        path = os.path.join(base, name)
+        try:
+            if os.path.exists(f"/proc/{parts[0]}") or now - os.stat(path).st_mtime < STALE_AGE:
+                continue
+            os.rmdir(path)
+        except OSError:
             pass
 
 
@@ -119,6 +187,9 @@ class Zygote:
         self.wanted: dict[str, tuple[float, dict[str, Any]]] = {}  # key → (when, spec)
         self.bpf_cache: dict[str, bytes] = {}
         self.probe_json: dict[str, Any] | None = None
+        self.cgroups: Any = None  # confine.cgroups.CgroupSupport, detected at first need
+        self.cg_dying: dict[str, float] = {}  # sandbox cgroups to remove → when to give up
+        self.cg_retry = 0.0  # the next removal attempt
         self.pid = os.getpid()
         self.host_caps = _child.HostCaps()
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -153,11 +224,15 @@ class Zygote:
                         self._on_status(box)
             self._expire()
             self._prefork_due()
+            if self.cg_dying and time.monotonic() >= self.cg_retry:
+                self._remove_dying()
 
     def _next_timeout(self) -> float | None:
         deadlines = [b.deadline for b in self.boxes.values()
                      if b.deadline is not None and not b.timed_out]
         deadlines += [when for when, _ in self.wanted.values()]
+        if self.cg_dying:
+            deadlines.append(self.cg_retry)
         return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
 
     def _expire(self) -> None:
@@ -245,7 +320,10 @@ class Zygote:
             if box is None:
                 box = self._fork_warm(spec)
         except Exception as exc:
-            self._send(status, {"error": ["prepare", getattr(exc, "errno", 0) or 0, str(exc)]})
+            step = "cgroup" if isinstance(exc, _CgroupFailed) else "prepare"
+            self._send(status, {"error": [step, getattr(exc, "errno", 0) or 0,
+                                          exc.strerror if isinstance(exc, _CgroupFailed)
+                                          else str(exc)]})
             status.close()
             for fd in fds[1:]:
                 os.close(fd)
@@ -310,10 +388,89 @@ class Zygote:
         self.boxes.pop(box.pid, None)
         if box.tmpdir:
             shutil.rmtree(box.tmpdir, ignore_errors=True)
+        if box.cgroup is not None:
+            _cgroup_kill(box.cgroup)  # a warm child's sandbox never started: nothing to report
+            self._remove_cgroup(box.cgroup)
+            box.cgroup = None
+
+    # --- sandbox cgroups --------------------------------------------------------------------
+
+    def _new_cgroup(self, want: dict[str, Any]) -> str:
+        """Create a sandbox's cgroup as the plan says (`want`: {"limits": [[name, limit]]});
+        raises _CgroupFailed. Never enables controllers or moves the caller's processes: only
+        what our cgroup already offers its children is used."""
+        from .confine import cgroups
+
+        if self.cgroups is None:
+            self.cgroups = cgroups.detect()
+            if self.cgroups.base is not None and self.cgroups.ok:
+                _sweep_stale(self.cgroups.base, cgroups.PREFIX)
+        sup = self.cgroups
+        if not (sup.ok and sup.kill) or sup.base is None:
+            raise _CgroupFailed(errno.ENOTSUP, "the plan gives each sandbox a cgroup of its own, "
+                                "but the zygote cannot create one: "
+                                + (sup.reason or "cgroup.kill is missing"))
+        limits = [(str(n), int(v)) for n, v in want.get("limits") or ()]
+        for name, _ in limits:
+            if name not in sup.usable or name not in sup.enabled:
+                raise _CgroupFailed(errno.ENOTSUP, f"the plan limits {name} with the sandbox's "
+                                    f"cgroup, but {sup.base} does not give its children the "
+                                    f"{name} controller: {sup.why_not(name) or 'not enabled'}")
+        try:
+            cg = cgroups.SandboxCgroup.create(sup.base)
+        except OSError as exc:
+            raise _CgroupFailed(exc.errno or errno.EIO, str(exc)) from None
+        try:
+            for name, limit in limits:
+                if name == "memory":
+                    cg.set_memory_max(limit)
+                elif name == "pids":
+                    cg.set_pids_max(limit)
+                else:
+                    raise _CgroupFailed(errno.EINVAL, f"unknown cgroup limit {name!r}")
+        except OSError as exc:
+            self._remove_cgroup(cg.path)
+            if isinstance(exc, _CgroupFailed):
+                raise
+            raise _CgroupFailed(exc.errno or errno.EIO, str(exc)) from None
+        return cg.path
+
+    def _outcome(self, box: _Box) -> dict[str, Any]:
+        """The sandbox cgroup's counters (OOM kills, forks refused by pids.max, ...)."""
+        from .confine import cgroups
+
+        assert box.cgroup is not None
+        try:
+            return cgroups.SandboxCgroup(box.cgroup).outcome().to_json()
+        except (OSError, ValueError):
+            return {}
+
+    def _remove_cgroup(self, path: str) -> None:
+        """rmdir now if empty, else on a later tick (dying processes still count a moment)."""
+        try:
+            os.rmdir(path)
+        except FileNotFoundError:
+            self.cg_dying.pop(path, None)
+            return
+        except OSError as exc:
+            now = time.monotonic()
+            if exc.errno == errno.EBUSY and self.cg_dying.get(path, now + 1) > now:
+                if path not in self.cg_dying:
+                    self.cg_dying[path] = now + CGROUP_GIVE_UP
+                    self.cg_retry = now + CGROUP_RETRY
+                return
+        self.cg_dying.pop(path, None)  # removed, or cannot be: do not try again
+
+    def _remove_dying(self) -> None:
+        for path in list(self.cg_dying):
+            _cgroup_kill(path)
+            self._remove_cgroup(path)
+        self.cg_retry = time.monotonic() + CGROUP_RETRY
 
     def _fork_warm(self, spec: dict[str, Any]) -> _Box:
         bpf = self._bpf(spec.get("seccomp"))
         tmpdir = None
+        cgroup = None
         child_spec = spec
         try:
             if spec.get("private_tmpdir"):
@@ -329,16 +486,23 @@ class Zygote:
             if main is None:  # never run a payload under an engine we do not know
                 raise ValueError(f"the zygote does not start {engine!r} sandboxes")
             native = engine == "native"
+            if spec.get("cgroup") is not None:
+                cgroup = self._new_cgroup(spec["cgroup"])
+                child_spec = {**child_spec, "cgroup_dir": cgroup,
+                              "cgroup_relay": bool(spec["cgroup"].get("relay"))}
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             pid = os.fork()
         except BaseException:
             if tmpdir:
                 shutil.rmtree(tmpdir, ignore_errors=True)
+            if cgroup is not None:
+                self._remove_cgroup(cgroup)
             raise
         if pid == 0:
             main(theirs.fileno(), child_spec, bpf, self.pid, self.host_caps)
         theirs.close()
-        box = _Box(pid, ours, tmpdir, native)
+        box = _Box(pid, ours, tmpdir, native, cgroup)
+        box.relay = bool(child_spec.get("cgroup_relay"))
         self.boxes[pid] = box
         return box
 
@@ -388,8 +552,12 @@ class Zygote:
         elif "error" in msg and not box.started and not box.told:
             self._tell(box, {"error": msg["error"]})
         elif "exit" in msg and box.started and not box.told:
-            box.kill()  # whatever the payload left behind goes with it
-            self._tell(box, None)  # the child told the caller
+            if not box.relay or box.cgroup is None:
+                self._tell(box, None)  # the child told the caller
+            else:  # the child left it to us: the cgroup's outcome goes with it
+                self._tell(box, {"exit": msg["exit"], "timed_out": box.timed_out,
+                                 "cgroup": self._outcome(box)})
+            box.kill()  # whatever the payload left behind goes with it (as the caller reads)
 
     def _tell(self, box: _Box, msg: dict[str, Any] | None) -> None:
         """The caller's last message for this sandbox (None: its child sent it)."""
@@ -458,7 +626,11 @@ class Zygote:
         assert box.reaped is not None
         if not box.told:
             if box.started:
-                self._tell(box, {"exit": box.reaped, "timed_out": box.timed_out})
+                msg: dict[str, Any] = {"exit": box.reaped, "timed_out": box.timed_out}
+                if box.cgroup is not None:
+                    box.kill()  # the counters are final once nothing is left to run
+                    msg["cgroup"] = self._outcome(box)
+                self._tell(box, msg)
             else:
                 self._tell(box, {"error": ["sandbox", 0, "the sandbox exited before the payload"
                                            f" started (wait status {box.reaped})"]})
@@ -466,6 +638,7 @@ class Zygote:
         self._forget(box)
 
     def shutdown(self) -> None:
+        cgroups = [b.cgroup for b in self.boxes.values() if b.cgroup is not None]
         for ready in self.warm.values():
             for box in ready:
                 self._forget(box)
@@ -489,6 +662,14 @@ class Zygote:
         for box in self.boxes.values():
             if box.tmpdir:
                 shutil.rmtree(box.tmpdir, ignore_errors=True)
+        if cgroups or self.cg_dying:
+            from .confine import cgroups as cg
+
+            for path in {*cgroups, *self.cg_dying}:
+                try:
+                    cg.SandboxCgroup(path).remove(timeout=1.0)
+                except OSError:
+                    pass  # left in place; its processes are dead
 
 
 def _children() -> list[int]:

@@ -50,3 +50,28 @@ class SpawnError(SandspawnError, OSError):
 
     def __str__(self) -> str:
         return str(self.args[1])
+
+
+class SpawnFileNotFoundError(SpawnError, FileNotFoundError):
+    """The payload's program does not exist in the sandbox (also a FileNotFoundError)."""
+
+
+class SpawnPermissionError(SpawnError, PermissionError):
+    """The sandbox may not execute the payload's program (also a PermissionError)."""
+
+
+def spawn_error(step: str, errno_: int, detail: str = "", filename: str | None = None
+                ) -> SpawnError:
+    """The SpawnError for a failed step; a failed execve is also the OSError subclass
+    `subprocess` would raise (FileNotFoundError, PermissionError), with `filename` set."""
+    import errno
+
+    cls: type[SpawnError] = SpawnError
+    if step == "execve" and errno_ in (errno.ENOENT, errno.ENOTDIR):
+        cls = SpawnFileNotFoundError
+    elif step == "execve" and errno_ in (errno.EACCES, errno.EPERM):
+        cls = SpawnPermissionError
+    exc = cls(step, errno_, detail)
+    if filename is not None:
+        exc.filename = filename
+    return exc

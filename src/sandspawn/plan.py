@@ -114,6 +114,10 @@ class Plan:
     # the package is bound (engines.bwrap). Its bwrap runs as `uid`/`gid`; `landlock` holds the
     # shim's filesystem rules as paths inside the sandbox.
     bwrap: BwrapSetup | None = None
+    # A cgroup v2 of its own for each sandbox (created by the zygote, joined before anything
+    # else; killed with cgroup.kill), and the limits set on it: ("memory" | "pids", limit).
+    cgroup: bool = False
+    cgroup_limits: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass
@@ -126,6 +130,28 @@ class _Candidate:
 def _meaning(restriction: str, value: str, mechanism: str, **fmt: object) -> _Candidate:
     m = semantics.lookup(restriction, value, mechanism)
     return _Candidate(m.mechanism, m.text.format(**fmt) if fmt else m.text, m.full)
+
+
+# What each filesystem meaning says of /tmp, and what holds instead without private_tmp.
+_PRIVATE_TMP_SENTENCES = (
+    "; /tmp is an empty private tmpfs.",
+    " and /tmp is an empty private tmpfs;",
+    "; the private /tmp is a fresh empty directory passed as $TMPDIR and removed afterwards "
+    "(the host's /tmp is not accessible).",
+)
+_SHARED_TMP = ("; /tmp is not private (private_tmp is off): it is there only as far as the "
+               "listed paths include it, as they declare it")
+
+
+def _fs_meaning(policy: Policy, cand: _Candidate) -> _Candidate:
+    """The filesystem meaning for this policy: without private_tmp, what it says of /tmp."""
+    if policy.filesystem.private_tmp:
+        return cand
+    text = cand.meaning
+    for sentence in _PRIVATE_TMP_SENTENCES:
+        end = "." if sentence.endswith(".") else ";"
+        text = text.replace(sentence, _SHARED_TMP + end)
+    return _Candidate(cand.mechanism, text, cand.full)
 
 
 def make_plan(
@@ -151,6 +177,11 @@ def make_plan(
     from .paths import check_host_paths
     check_host_paths(policy)
     caller_uid = os.geteuid() if caller_uid is None else caller_uid
+    if caller_uid == 0 and 0 in (uid, gid):
+        # A root caller's payload runs as uid/gid: never as host root (any engine).
+        raise PolicyError("a root caller's payload must not run as host uid or gid 0",
+                          source="uid/gid", value=(uid, gid),
+                          allowed=("an unprivileged host uid and gid (default 65534)",))
     env = dict(os.environ) if caller_env is None else caller_env
     missing = _native_missing(policy, probe)
     if engine == "native" or (engine == "auto" and not missing):
@@ -265,9 +296,11 @@ def _plan_landlock(policy: Policy, probe: HostProbe, weaker: frozenset[str], cal
     # filesystem
     req = _fs_requested(policy)
     if abi >= 3:
-        add("filesystem", req, [_meaning("filesystem", "allow-list", "landlock")], "", "")
+        add("filesystem", req,
+            [_fs_meaning(policy, _meaning("filesystem", "allow-list", "landlock"))], "", "")
     elif abi >= 1:
-        add("filesystem", req, [_meaning("filesystem", "allow-list", "landlock (ABI < 3)")],
+        add("filesystem", req,
+            [_fs_meaning(policy, _meaning("filesystem", "allow-list", "landlock (ABI < 3)"))],
             f"Landlock ABI {abi} cannot control truncate()", "use Linux 6.2 or newer")
     else:
         add("filesystem", req, [], *no_ll)
@@ -333,10 +366,13 @@ def _plan_landlock(policy: Policy, probe: HostProbe, weaker: frozenset[str], cal
     add("privileges", "none",
         [_meaning("privileges", "none", "no_new_privs + capabilities + setsid")], "", "")
 
-    rlimits = _resources(policy, lines, weaker, tmp_mechanism="none")
+    own_cgroup, controllers = _cgroup_use(probe)
+    rlimits, cg_limits = _resources(policy, lines, weaker, tmp_mechanism="none",
+                                    controllers=controllers)
     env = policy.environment
     _environment(policy, lines, weaker)
-    _lifetime(policy, add, "zygote + PDEATHSIG")
+    _lifetime(policy, add, "zygote + PDEATHSIG + cgroup.kill" if own_cgroup
+              else "zygote + PDEATHSIG")
 
     if unusable:
         note = "".join(f"; the {name} engine cannot run here: {why}" for name, why, _ in unusable)
@@ -361,6 +397,8 @@ def _plan_landlock(policy: Policy, probe: HostProbe, weaker: frozenset[str], cal
         uid=uid if caller_uid == 0 else None,
         gid=gid if caller_uid == 0 else None,
         timeout=policy.lifetime.timeout,
+        cgroup=own_cgroup,
+        cgroup_limits=tuple(cg_limits),
     )
 
 
@@ -368,30 +406,58 @@ _RLIMITS = {"cpu_time": "RLIMIT_CPU", "file_size": "RLIMIT_FSIZE",
             "open_files": "RLIMIT_NOFILE", "memory": "RLIMIT_AS", "pids": "RLIMIT_NPROC"}
 
 
+def _cgroup_use(probe: HostProbe) -> tuple[bool, tuple[str, ...]]:
+    """(each sandbox gets a cgroup of its own, the controllers it has), from the cgroup2 fact's
+    structured part (probe.cgroup2_data); nothing when the probe has none."""
+    try:
+        data = probe.fact("cgroup2").data or {}
+    except KeyError:
+        return False, ()
+    if not data.get("sandbox_cgroups"):
+        return False, ()
+    return True, tuple(str(c) for c in data.get("controllers") or ())
+
+
+# Limits a sandbox cgroup enforces when its controller is there, instead of the rlimit.
+_CGROUP_LIMITS = ("memory", "pids")
+
+
 def _resources(policy: Policy, lines: list[ReportLine], weaker: frozenset[str],
-               tmp_mechanism: str) -> list[tuple[str, int]]:
-    """The resources report line; returns the rlimits to apply."""
+               tmp_mechanism: str, controllers: tuple[str, ...] = ()
+               ) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """The resources report line; returns the rlimits to apply and the sandbox cgroup's limits
+    (memory and pids, when the sandbox cgroup has their controllers)."""
     res = policy.resources
     rlimits: list[tuple[str, int]] = []
+    cg_limits: list[tuple[str, int]] = []
     texts: list[str] = []
+    mechs: list[str] = []
     all_full = True
     for key, limit in res.items():
-        mech = tmp_mechanism if key == "tmp_size" else "rlimit"
+        if key == "tmp_size":
+            mech = tmp_mechanism
+        elif key in _CGROUP_LIMITS and key in controllers:
+            mech = "cgroup"
+            cg_limits.append((key, limit))
+        else:
+            mech = "rlimit"
+            rlimits.append((_RLIMITS[key], limit))
+        if mech in ("cgroup", "rlimit") and mech not in mechs:
+            mechs.append(mech)
         m = semantics.lookup("resources", key, mech)
         all_full &= m.full
         texts.append(f"{key}={limit}: " + m.text.replace(" N ", f" {limit} "))
-        if key in _RLIMITS:
-            rlimits.append((_RLIMITS[key], limit))
     if texts:
-        cand = _Candidate("rlimit", " ".join(texts), all_full)
+        cand = _Candidate(" + ".join(sorted(mechs)) or "rlimit", " ".join(texts), all_full)
         lines.append(_status("resources", ", ".join(f"{k}={v}" for k, v in res.items()), [cand],
                              weaker, "without a delegated cgroup only per-process rlimits exist",
-                             "limit memory and pids with cgroups (a later version), or drop "
-                             "these limits"))
+                             "give the caller a delegated cgroup v2 with the memory and pids "
+                             "controllers enabled for it (see the cgroup2 fact of `sandspawn "
+                             "doctor`), or drop these limits"))
     else:
         lines.append(_status("resources", "unlimited",
                              [_meaning("resources", "unlimited", "none")], weaker, "", ""))
-    return rlimits
+    return rlimits, cg_limits
 
 
 def _environment(policy: Policy, lines: list[ReportLine], weaker: frozenset[str]) -> None:
@@ -505,13 +571,13 @@ def _plan_ns(engine: str, policy: Policy, probe: HostProbe, weaker: frozenset[st
     if engine == "bwrap" and abi < 1:
         ll = probe.fact("landlock")
         add("filesystem", _fs_requested(policy),
-            [_meaning("filesystem", "allow-list", mech["fs_no_exec"])],
+            [_fs_meaning(policy, _meaning("filesystem", "allow-list", mech["fs_no_exec"]))],
             "without Landlock nothing enforces exec: bubblewrap cannot mount noexec"
             + (f" ({ll.reason})" if ll.reason else ""),
             ll.remedy or "use a kernel with Landlock (Linux 5.13 or newer)")
     else:
-        add("filesystem", _fs_requested(policy), [_meaning("filesystem", "allow-list",
-                                                           mech["fs"])])
+        add("filesystem", _fs_requested(policy),
+            [_fs_meaning(policy, _meaning("filesystem", "allow-list", mech["fs"]))])
 
     net = policy.network
     own_netns = net.mode in ("none", "loopback")
@@ -548,7 +614,9 @@ def _plan_ns(engine: str, policy: Policy, probe: HostProbe, weaker: frozenset[st
     tmp_mech = "tmpfs"
     if engine == "bwrap":
         tmp_mech = "bwrap --size" if setup is None or setup.tmpfs_size else "bwrap without --size"
-    rlimits = _resources(policy, lines, weaker, tmp_mechanism=tmp_mech)
+    own_cgroup, controllers = _cgroup_use(probe)
+    rlimits, cg_limits = _resources(policy, lines, weaker, tmp_mechanism=tmp_mech,
+                                    controllers=controllers)
     _environment(policy, lines, weaker)
     _lifetime(policy, add, mech["life"])
 
@@ -597,6 +665,8 @@ def _plan_ns(engine: str, policy: Policy, probe: HostProbe, weaker: frozenset[st
         uid=host_uid,
         gid=host_gid,
         timeout=policy.lifetime.timeout,
+        cgroup=own_cgroup,
+        cgroup_limits=tuple(cg_limits),
         namespaces=flags,
         mounts=tuple(ops),
         hostname=policy.environment.hostname,

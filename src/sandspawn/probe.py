@@ -33,7 +33,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from types import ModuleType
 from typing import Any
 
@@ -103,6 +103,9 @@ class Fact:
     remedy: str | None = None
     step: str | None = None
     errno: int | None = None
+    # Structured values for the planner (only some facts have them; e.g. cgroup2: whether each
+    # sandbox gets its own cgroup, and with which controllers).
+    data: dict[str, Any] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -140,6 +143,7 @@ class HostProbe:
                 remedy=None if raw.get("remedy") is None else str(raw["remedy"]),
                 step=None if raw.get("step") is None else str(raw["step"]),
                 errno=None if raw.get("errno") is None else int(raw["errno"]),
+                data=None if raw.get("data") is None else dict(raw["data"]),
             ))
         return cls(tuple(facts), int(d["landlock_abi"]), int(d["landlock_errata"]))
 
@@ -1469,7 +1473,8 @@ def _cgroup2_fact() -> Fact:
         detail = ("no cgroup2 mount" if sup.mount is None else
                   f"our cgroup {sup.cgroup} is not visible" if sup.cgroup else
                   f"mounted at {sup.mount}")
-        return Fact("cgroup2", False, detail, reason=sup.reason, remedy=sup.remedy)
+        return Fact("cgroup2", False, detail, reason=sup.reason, remedy=sup.remedy,
+                    data=cgroup2_data(sup))
     usable = " ".join(sup.usable) or "none"
     detail = (f"{sup.base} (cgroup {sup.cgroup}), controllers: {' '.join(sup.available) or 'none'}"
               f", {'writable' if sup.writable else 'not delegated'}; for sandboxes: {usable}"
@@ -1477,7 +1482,16 @@ def _cgroup2_fact() -> Fact:
     if sup.needs_leaf:
         detail += f"; enabling them first moves our cgroup's processes into {cgroups.LEAF}"
     return Fact("cgroup2", sup.ok and bool(sup.usable), detail, reason=sup.reason,
-                remedy=sup.remedy)
+                remedy=sup.remedy, data=cgroup2_data(sup))
+
+
+def cgroup2_data(sup: Any) -> dict[str, Any]:
+    """The cgroup2 fact's structured part: `sandbox_cgroups` (the zygote gives each sandbox its
+    own cgroup: creatable, with cgroup.kill) and `controllers` (those a sandbox cgroup has
+    without changing the caller's cgroup: usable and already enabled for the base)."""
+    own = bool(sup.ok and sup.kill)
+    return {"sandbox_cgroups": own, "base": sup.base,
+            "controllers": [c for c in sup.usable if c in sup.enabled] if own else []}
 
 
 # ---------------------------------------------------------------------------------------------

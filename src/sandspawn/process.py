@@ -5,19 +5,23 @@ from __future__ import annotations
 import errno
 import io
 import json
+import locale
 import os
+import select
 import selectors
 import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
+import types
 from collections.abc import Iterable, Mapping, Sequence
 from typing import IO, Any
 
 from ._zygote import PLAN_KEYS
 from .engines import zygote
-from .errors import SpawnError
+from .errors import SpawnError, spawn_error
 from .plan import NOBODY, Plan, Report, make_plan
 from .policy import Policy
 from .probe import HostProbe
@@ -68,10 +72,17 @@ class Popen:
     """A sandboxed child process, shaped like subprocess.Popen.
 
     `returncode` is negative for a signal; `report` says what was enforced; `pidfd` refers to
-    the payload. `kill()` kills the whole sandbox. Without `cwd`, the payload starts in the
-    caller's directory, or in / when the sandbox may not enter it. When the caller is root the
-    payload runs as `uid`/`gid` (65534 by default), never as host root.
+    the payload. When the sandbox had a cgroup v2 of its own with limits (or was ended by
+    kill() or its timeout), `cgroup_outcome` holds the cgroup's counters once it has exited
+    (confine.cgroups.CgroupOutcome: oom_kills, pids_max_hits, ...) and `oom_killed` says
+    whether the OOM killer killed any of its processes (False when unknown: no cgroup, no
+    limits, or no memory controller). `kill()` kills the whole sandbox. Without
+    `cwd`, the payload starts in the caller's directory, or in / when the sandbox may not enter
+    it. When the caller is root the payload runs as `uid`/`gid` (65534 by default), never as
+    host root.
     """
+
+    __class_getitem__ = classmethod(types.GenericAlias)  # type: ignore[var-annotated]
 
     def __init__(
         self,
@@ -96,8 +107,15 @@ class Popen:
         self.args = list(args)
         if not self.args:
             raise ValueError("args must name a program")
+        _check_strings(self.args, env)
+        self._waitlock = threading.Lock()
+        self._comm_started = False
+        self._comm_input: memoryview | None = None
+        self._comm_chunks: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
         self.returncode: int | None = None
         self.timed_out = False
+        self.oom_killed = False
+        self.cgroup_outcome: dict[str, int] | None = None
         self.stdin: IO[Any] | None = None
         self.stdout: IO[Any] | None = None
         self.stderr: IO[Any] | None = None
@@ -160,7 +178,7 @@ class Popen:
             step, err, detail = msg["error"]
             if step == "execve" and err == errno.EACCES:
                 detail += f" (is {executable} under a path with exec access in the policy?)"
-            raise SpawnError(step, err, detail)
+            raise spawn_error(step, err, detail, filename=executable)
         self.pid: int = int(msg["started"])
         self.pidfd = fds[0] if fds else None
         for name, fd in parent_ends:
@@ -169,7 +187,19 @@ class Popen:
     def _child_fd(self, target: int, spec: _StdSpec, name: str, to_close: list[int],
                   parent_ends: list[tuple[str, int]], send: list[int]) -> int:
         if spec is None:
-            return target
+            # Our own copy of the inherited descriptor, taken now: if the caller's fd `target`
+            # is closed, a socket we open later (the status socket) could take its number and
+            # reach the payload as its stdio. A closed one becomes /dev/null.
+            import fcntl
+
+            try:
+                fd = fcntl.fcntl(target, fcntl.F_DUPFD_CLOEXEC, 0)
+            except OSError as exc:
+                if exc.errno != errno.EBADF:
+                    raise
+                fd = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+            to_close.append(fd)
+            return fd
         if spec == PIPE:
             r, w = os.pipe2(os.O_CLOEXEC)
             mine, theirs = (w, r) if target == 0 else (r, w)
@@ -203,6 +233,11 @@ class Popen:
         else:
             status = int(msg["exit"])
             self.timed_out = bool(msg.get("timed_out"))
+            outcome = msg.get("cgroup")
+            if isinstance(outcome, dict):
+                self.cgroup_outcome = {str(k): int(v) for k, v in outcome.items()}
+                self.oom_killed = bool(self.cgroup_outcome.get("oom_kills")
+                                       or self.cgroup_outcome.get("oom_group_kills"))
             self.returncode = (-os.WTERMSIG(status) if os.WIFSIGNALED(status)
                                else os.WEXITSTATUS(status))
         self._close_status()
@@ -216,21 +251,35 @@ class Popen:
             self.pidfd = None
 
     def poll(self) -> int | None:
-        if self.returncode is None and self._status is not None:
+        if self.returncode is None and self._waitlock.acquire(blocking=False):
             try:
-                msg, _ = zygote.read_message(self._status, timeout=0)
-            except (TimeoutError, BlockingIOError):
-                return None
-            self._on_exit(msg)
+                if self.returncode is None and self._status is not None:
+                    try:
+                        msg, _ = zygote.read_message(self._status, timeout=0)
+                    except (TimeoutError, BlockingIOError):
+                        return None
+                    self._on_exit(msg)
+            finally:
+                self._waitlock.release()
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
-        if self.returncode is None and self._status is not None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if self.returncode is None:
+            # One reader of the status socket at a time (another thread may be waiting).
+            if not self._waitlock.acquire(timeout=-1 if timeout is None else max(0, timeout)):
+                raise subprocess.TimeoutExpired(self.args, timeout or 0)
             try:
-                msg, _ = zygote.read_message(self._status, timeout=timeout)
-            except TimeoutError:
-                raise subprocess.TimeoutExpired(self.args, timeout or 0) from None
-            self._on_exit(msg)
+                if self.returncode is None and self._status is not None:
+                    remaining = (None if deadline is None
+                                 else max(0.0, deadline - time.monotonic()))
+                    try:
+                        msg, _ = zygote.read_message(self._status, timeout=remaining)
+                    except TimeoutError:
+                        raise subprocess.TimeoutExpired(self.args, timeout or 0) from None
+                    self._on_exit(msg)
+            finally:
+                self._waitlock.release()
         assert self.returncode is not None
         return self.returncode
 
@@ -247,65 +296,101 @@ class Popen:
 
     def kill(self) -> None:
         """Kill the whole sandbox."""
-        if self.returncode is None and self._status is not None:
+        status = self._status
+        if self.returncode is None and status is not None:
             try:
-                self._status.send(b'{"kill": true}')
+                status.send(b'{"kill": true}')
             except OSError:
-                pass
+                pass  # closed by a waiting thread meanwhile: it has exited
 
     def communicate(self, input: bytes | str | None = None, timeout: float | None = None
                     ) -> tuple[Any, Any]:
+        """Like subprocess: feed `input`, read stdout/stderr to EOF, wait. After a
+        TimeoutExpired (which carries the output so far) it may be called again, without input;
+        nothing read is lost."""
+        if self._comm_started and input:
+            raise ValueError("Cannot send input after starting communication")
         deadline = None if timeout is None else time.monotonic() + timeout
+        if not self._comm_started:
+            self._comm_started = True
+            data = b""
+            if input is not None and self.stdin is not None:
+                data = (input.encode(self._text_encoding(), self._errors or "strict")
+                        if isinstance(input, str) else bytes(input))
+            self._comm_input = memoryview(data)
+            if self.stdin is not None:
+                try:
+                    self.stdin.flush()
+                except BrokenPipeError:
+                    pass  # the payload stopped reading: like subprocess, not an error
+                if not data:
+                    self._close_stdin()
         sel = selectors.DefaultSelector()
-        chunks: dict[int, list[bytes]] = {}
-        data = b""
-        if input is not None and self.stdin is not None:
-            data = input.encode(self._encoding or "utf-8") if isinstance(input, str) else input
-        pending = memoryview(data)
-        if self.stdin is not None:
-            self.stdin.flush()
-            if pending:
+        try:
+            if self.stdin is not None and not self.stdin.closed and self._comm_input:
                 sel.register(self.stdin.fileno(), selectors.EVENT_WRITE, "in")
-            else:
-                self.stdin.close()
-        for stream in (self.stdout, self.stderr):
-            if stream is not None:
-                chunks[stream.fileno()] = []
-                sel.register(stream.fileno(), selectors.EVENT_READ, "out")
-        while sel.get_map():
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise subprocess.TimeoutExpired(self.args, timeout or 0)
-            for key, _ in sel.select(remaining):
-                if key.data == "in":
-                    try:
-                        n = os.write(key.fd, pending[:65536])
-                    except BrokenPipeError:
-                        n = len(pending)
-                    pending = pending[n:]
-                    if not pending:
-                        sel.unregister(key.fd)
-                        assert self.stdin is not None
-                        self.stdin.close()
-                else:
+            for name in ("stdout", "stderr"):
+                stream = getattr(self, name)
+                if stream is not None and not stream.closed:
+                    sel.register(stream.fileno(), selectors.EVENT_READ, name)
+            while sel.get_map():
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise subprocess.TimeoutExpired(self.args, timeout or 0,
+                                                    output=self._collected("stdout"),
+                                                    stderr=self._collected("stderr"))
+                for key, _ in sel.select(remaining):
+                    if key.data == "in":
+                        self._feed(sel, key.fd)
+                        continue
                     chunk = os.read(key.fd, 65536)
                     if chunk:
-                        chunks[key.fd].append(chunk)
-                    else:
+                        self._comm_chunks[key.data].append(chunk)
+                    else:  # EOF: this stream is done, also for a later call
                         sel.unregister(key.fd)
-        sel.close()
+                        getattr(self, key.data).close()
+        finally:
+            sel.close()
         outs: list[Any] = []
-        for stream in (self.stdout, self.stderr):
-            if stream is None:
-                outs.append(None)
-                continue
-            raw = b"".join(chunks[stream.fileno()])
-            stream.close()
-            outs.append(raw.decode(self._encoding or "utf-8", self._errors or "strict")
-                        if self._text else raw)
+        for name in ("stdout", "stderr"):
+            raw = self._collected(name)
+            outs.append(self._decode(raw) if self._text and raw is not None else raw)
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         self.wait(remaining)
         return outs[0], outs[1]
+
+    def _feed(self, sel: selectors.BaseSelector, fd: int) -> None:
+        """Write what fits without blocking: a pipe reported writable takes PIPE_BUF bytes."""
+        assert self._comm_input is not None
+        try:
+            n = os.write(fd, self._comm_input[:select.PIPE_BUF])
+        except BrokenPipeError:
+            n = len(self._comm_input)  # the payload stopped reading: the rest is dropped
+        self._comm_input = self._comm_input[n:]
+        if not self._comm_input:
+            sel.unregister(fd)
+            self._close_stdin()
+
+    def _close_stdin(self) -> None:
+        assert self.stdin is not None
+        try:
+            self.stdin.close()
+        except BrokenPipeError:
+            pass
+
+    def _collected(self, name: str) -> bytes | None:
+        """What communicate() read from stdout or stderr so far (None: not a pipe)."""
+        if getattr(self, name) is None:
+            return None
+        return b"".join(self._comm_chunks[name])
+
+    def _text_encoding(self) -> str:
+        return self._encoding or locale.getpreferredencoding(False)
+
+    def _decode(self, raw: bytes) -> str:
+        """As subprocess does in text mode: the stream's encoding, universal newlines."""
+        text = raw.decode(self._text_encoding(), self._errors or "strict")
+        return text.replace("\r\n", "\n").replace("\r", "\n")
 
     def __enter__(self) -> Popen:
         return self
@@ -356,6 +441,18 @@ def run(
     if check:
         completed.check_returncode()
     return completed
+
+
+def _check_strings(args: Sequence[str], env: Mapping[str, str] | None) -> None:
+    """What execve cannot take, refused before any sandbox is touched (as subprocess does)."""
+    for arg in args:
+        if "\0" in os.fsdecode(arg):
+            raise ValueError(f"embedded null byte in argument {arg!r}")
+    for key, value in (env or {}).items():
+        if not key or "=" in key or "\0" in key:
+            raise ValueError(f"illegal environment variable name {key!r}")
+        if "\0" in value:
+            raise ValueError(f"embedded null byte in the value of {key}")
 
 
 def _which(program: str, env: Mapping[str, str]) -> str:
@@ -447,4 +544,8 @@ def _plan_spec(plan: Plan) -> dict[str, Any]:
         "inside_uid": plan.inside_uid,
         "inside_gid": plan.inside_gid,
         "bwrap": plan.bwrap.to_json() if plan.bwrap is not None else None,
+        # relay: the exit reaches the caller through the zygote, with the cgroup's outcome
+        # (only worth the extra hop when limits can be hit)
+        "cgroup": ({"limits": [list(x) for x in plan.cgroup_limits],
+                    "relay": bool(plan.cgroup_limits)} if plan.cgroup else None),
     }

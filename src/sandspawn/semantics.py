@@ -242,6 +242,11 @@ TABLE: tuple[Meaning, ...] = (
     _M("lifetime", "die-with-caller", "zygote + PDEATHSIG", True,
        "The payload is killed when its caller exits, even by SIGKILL; on timeout or kill() its "
        "process group is killed; nothing it started outlives the caller."),
+    _M("lifetime", "die-with-caller", "zygote + PDEATHSIG + cgroup.kill", True,
+       "The payload is killed when its caller exits, even by SIGKILL; on timeout or kill() "
+       "every process of the sandbox's own cgroup v2 is killed (cgroup.kill), including ones "
+       "that left its process group or session (setsid); nothing it started outlives the "
+       "caller."),
     _M("lifetime", "die-with-caller", "pid namespace", True,
        "The whole sandbox (every process in its pid namespace) is killed when its caller exits, "
        "even by SIGKILL, and on timeout or kill()."),

@@ -75,10 +75,20 @@ class Expect:
     runs: bool = True  # False: refused even with --allow-weaker (no weaker meaning exists)
     bugs: Mapping[str, str] = field(default_factory=dict)  # caller -> a sandspawn bug that
     # makes this row fail for that caller today: its tests are xfail(strict=True)
+    # Callers whose sandboxes get a cgroup v2 of their own here (a writable cgroup with
+    # cgroup.kill): the landlock engine's lifetime line then says cgroup.kill.
+    cgroup_callers: tuple[str, ...] = ()
 
     @property
     def row(self) -> str:
         return self.env + (f"+engine-{self.flag}" if self.flag else "")
+
+    def lines_for(self, caller: str) -> dict[str, Cell]:
+        """The report `caller` gets: `lines`, with the cgroup's lifetime where it has one."""
+        out = dict(self.lines)
+        if caller in self.cgroup_callers and out["lifetime"] == LANDLOCK["lifetime"]:
+            out["lifetime"] = ("enforced", "zygote + PDEATHSIG + cgroup.kill")
+        return out
 
 
 BWRAP: Mapping[str, Cell] = {
@@ -113,18 +123,21 @@ EXPECTED: tuple[Expect, ...] = (
                    Doctor("seccomp_active", True))),
     Expect("host", "bwrap", BWRAP, flag="bwrap"),
     Expect("host", "landlock", LANDLOCK, flag="landlock", refused=("processes",),
-           cause={"processes": ("without a pid namespace",)}),
+           cause={"processes": ("without a pid namespace",)}, cgroup_callers=("root",)),
     Expect("userns-capped", "landlock", LANDLOCK, refused=("processes",),
+           cgroup_callers=("root",),
            cause={"processes": ("max_user_namespaces is 0",)},
            doctor=(Doctor("userns", False, ("max_user_namespaces is 0",), errno=28),
                    Doctor("bwrap", False, ("max_user_namespaces is 0",)),
                    Doctor("landlock", True))),
     Expect("flatpak-seccomp", "landlock", LANDLOCK, refused=("processes",),
+           cgroup_callers=("root",),
            cause={"processes": SECCOMP_UNSHARE},
            doctor=(Doctor("userns", False, SECCOMP_UNSHARE, errno=1),
                    Doctor("seccomp_active", False, ("Seccomp: 2",)),
                    Doctor("landlock", True))),
     Expect("docker-seccomp", "landlock", LANDLOCK, refused=("processes",),
+           cgroup_callers=("root",),
            cause={"processes": SECCOMP_UNSHARE},
            doctor=(Doctor("userns", False, SECCOMP_UNSHARE, errno=1),
                    Doctor("seccomp_active", False, ("Seccomp: 2",)),
@@ -133,6 +146,7 @@ EXPECTED: tuple[Expect, ...] = (
     Expect("no-landlock", "native", NATIVE,
            doctor=(*ALL_NS, Doctor("landlock", False, ("ENOSYS", "seccomp")))),
     Expect("no-landlock", "landlock", NO_LANDLOCK_ENGINE, flag="landlock", runs=False,
+           cgroup_callers=("root",),
            refused=("filesystem", "processes", "ipc", "display", "dbus", "devices"),
            cause={"filesystem": LANDLOCK_ENOSYS, "display": LANDLOCK_ENOSYS,
                   "dbus": LANDLOCK_ENOSYS, "devices": LANDLOCK_ENOSYS,
