@@ -44,12 +44,14 @@ class SpawnError(SandspawnError, OSError):
             msg += f": [Errno {errno_}] {os.strerror(errno_)}"
         if detail:
             msg += f" ({detail})"
-        super().__init__(errno_, msg)
+        # strerror is the plain errno text, as for any OSError; str() tells the whole story.
+        super().__init__(errno_, os.strerror(errno_) if errno_ else msg)
         self.errno = errno_
         self.detail = detail
+        self.message = msg
 
     def __str__(self) -> str:
-        return str(self.args[1])
+        return self.message
 
 
 class SpawnFileNotFoundError(SpawnError, FileNotFoundError):
@@ -60,16 +62,20 @@ class SpawnPermissionError(SpawnError, PermissionError):
     """The sandbox may not execute the payload's program (also a PermissionError)."""
 
 
+_LIKE_SUBPROCESS = ("resolve", "chdir", "execve")
+
+
 def spawn_error(step: str, errno_: int, detail: str = "", filename: str | None = None
                 ) -> SpawnError:
-    """The SpawnError for a failed step; a failed execve is also the OSError subclass
-    `subprocess` would raise (FileNotFoundError, PermissionError), with `filename` set."""
+    """The SpawnError for a failed step; finding the program, entering the directory or
+    executing it is also the OSError subclass `subprocess` would raise (FileNotFoundError,
+    PermissionError), with `filename` set."""
     import errno
 
     cls: type[SpawnError] = SpawnError
-    if step == "execve" and errno_ in (errno.ENOENT, errno.ENOTDIR):
+    if step in _LIKE_SUBPROCESS and errno_ in (errno.ENOENT, errno.ENOTDIR):
         cls = SpawnFileNotFoundError
-    elif step == "execve" and errno_ in (errno.EACCES, errno.EPERM):
+    elif step in _LIKE_SUBPROCESS and errno_ in (errno.EACCES, errno.EPERM):
         cls = SpawnPermissionError
     exc = cls(step, errno_, detail)
     if filename is not None:

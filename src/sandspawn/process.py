@@ -178,7 +178,8 @@ class Popen:
             step, err, detail = msg["error"]
             if step == "execve" and err == errno.EACCES:
                 detail += f" (is {executable} under a path with exec access in the policy?)"
-            raise spawn_error(step, err, detail, filename=executable)
+            raise spawn_error(step, err, detail,
+                              filename=str(cwd) if step == "chdir" and cwd else executable)
         self.pid: int = int(msg["started"])
         self.pidfd = fds[0] if fds else None
         for name, fd in parent_ends:
@@ -460,9 +461,9 @@ def _which(program: str, env: Mapping[str, str]) -> str:
         return program
     found = shutil.which(program, path=env.get("PATH", os.defpath))
     if found is None:
-        raise SpawnError("resolve", errno.ENOENT,
-                         f"{program!r} not found in the sandbox's PATH "
-                         f"{env.get('PATH', os.defpath)!r}")
+        raise spawn_error("resolve", errno.ENOENT,
+                          f"{program!r} not found in the sandbox's PATH "
+                          f"{env.get('PATH', os.defpath)!r}", filename=program)
     return found
 
 
