@@ -36,6 +36,11 @@ class Process:
     def timed_out(self) -> bool:
         return self._popen.timed_out
 
+    @property
+    def oom_killed(self) -> bool:
+        """Whether the OOM killer killed a process of the sandbox (False when unknown)."""
+        return self._popen.oom_killed
+
     async def wait(self) -> int:
         """Wait for the sandbox to exit without blocking the event loop."""
         popen = self._popen
