@@ -12,7 +12,8 @@ import pytest
 import sandspawn
 
 ENGINES = [{"engine": "native", "cwd": "/"},
-           {"engine": "landlock", "allow_weaker": {"processes"}, "cwd": "/"}]
+           {"engine": "landlock", "allow_weaker": {"processes"}, "cwd": "/"},
+           {"engine": "bwrap", "cwd": "/"}]
 
 
 @pytest.fixture(params=ENGINES, ids=lambda o: str(o["engine"]))
