@@ -349,12 +349,16 @@ class Zygote:
         self.sel.register(status, selectors.EVENT_READ, ("status", box))
         self.wanted[key] = (time.monotonic() + PREFORK_DELAY, spec)
 
-    def _prefork_due(self, key: str | None = None) -> None:
-        """Fork the next child for each policy whose time has come (or for `key` now)."""
+    def _prefork_due(self) -> None:
+        """Fork the next child for a policy whose time has come: one fork per call, and none
+        while a request or a message is waiting (a fork keeps us busy for a few hundred µs;
+        the caller's spawn comes first)."""
         now = time.monotonic()
         for k, (when, spec) in list(self.wanted.items()):
-            if k != key and when > now:
+            if when > now:
                 continue
+            if self.sel.select(0):
+                return  # the main loop handles it first, then comes back here
             ready = self.warm.pop(k, [])
             self.warm[k] = ready
             if len(ready) >= WARM_PER_POLICY:
@@ -374,6 +378,7 @@ class Zygote:
             while len(self.warm) > MAX_WARM:
                 for old in self.warm.pop(next(iter(self.warm))):
                     self._retire(old)
+            return
 
     def _retire(self, box: _Box) -> None:
         box.sock.close()  # EOF: it exits without running anything
