@@ -356,3 +356,12 @@ def test_missing_program_is_also_a_file_not_found_error(opts: dict[str, Any]) ->
         sandspawn.Popen(["/usr/bin/no-such-program"], cwd="/", **opts)
     assert isinstance(info.value, sandspawn.SpawnError)
     assert info.value.filename == "/usr/bin/no-such-program"
+
+
+def test_closed_fd_as_stdio_is_an_error(opts: dict[str, Any]) -> None:
+    r, w = os.pipe()
+    os.close(r)
+    os.close(w)
+    with pytest.raises(OSError) as info:
+        sandspawn.Popen(["true"], stdout=w, cwd="/", **opts)
+    assert info.value.errno == errno.EBADF

@@ -215,9 +215,9 @@ class Popen:
             if target != 2:
                 raise ValueError("STDOUT is only valid for stderr")
             return send[1]
-        if isinstance(spec, int):
-            return spec
-        return spec.fileno()
+        fd = spec if isinstance(spec, int) else spec.fileno()
+        os.fstat(fd)  # EBADF now: a closed number could be taken by our status socket
+        return fd
 
     def _wrap(self, fd: int, writable: bool) -> IO[Any]:
         raw = open(fd, "wb" if writable else "rb", buffering=-1)
