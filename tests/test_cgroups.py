@@ -429,7 +429,7 @@ def test_enable_controllers_moves_our_processes_into_a_leaf() -> None:
     root = sup.base
     added = "hugetlb" not in sup.enabled
     if added:
-        cgroups._write(os.path.join(root, "cgroup.subtree_control"), "+hugetlb")
+        cgroups.write_file(os.path.join(root, "cgroup.subtree_control"), "+hugetlb")
     parent = os.path.join(root, f"sandspawn-test-{os.getpid()}")
     os.mkdir(parent)
 
@@ -440,7 +440,7 @@ def test_enable_controllers_moves_our_processes_into_a_leaf() -> None:
             s = cgroups.detect(("hugetlb",))
             out["before"] = [s.base, list(s.usable), s.needs_leaf, s.is_root]
             try:
-                cgroups._write(os.path.join(parent, "cgroup.subtree_control"), "+hugetlb")
+                cgroups.write_file(os.path.join(parent, "cgroup.subtree_control"), "+hugetlb")
                 out["direct"] = 0
             except OSError as exc:
                 out["direct"] = exc.errno
@@ -469,7 +469,7 @@ def test_enable_controllers_moves_our_processes_into_a_leaf() -> None:
     finally:
         SandboxCgroup(parent).remove()
         if added:
-            cgroups._write(os.path.join(root, "cgroup.subtree_control"), "-hugetlb")
+            cgroups.write_file(os.path.join(root, "cgroup.subtree_control"), "-hugetlb")
 
 
 # --- the controllers themselves (where the host has them on cgroup v2) ----------------------------

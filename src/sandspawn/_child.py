@@ -146,15 +146,12 @@ def _join_cgroup(spec: dict[str, Any]) -> None:
     path = spec.get("cgroup_dir")
     if path is None:
         return
+    from .confine import cgroups
+
     try:
-        fd = os.open(os.path.join(path, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            os.write(fd, b"0")
-        finally:
-            os.close(fd)
+        cgroups.SandboxCgroup(path).add_self()
     except OSError as exc:
-        raise _StepFailed("cgroup", exc.errno or 0,
-                          f"joining the sandbox's cgroup {path}: {exc.strerror}") from None
+        raise _StepFailed("cgroup", exc.errno or 0, str(exc)) from None
 
 
 def _lock_down(spec: dict[str, Any], bpf: bytes | None) -> None:
@@ -186,14 +183,8 @@ def specialize(spec: dict[str, Any], bpf: bytes | None, parent: int, host: HostC
 
 def _recv_request(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
     """The exec request and its fds (close-on-exec here); (None, []) when the zygote retires us."""
-    data, anc, _flags, _addr = sock.recvmsg(
-        MAX_REQUEST, socket.CMSG_SPACE(MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC)
-    fds: list[int] = []
-    for level, kind, blob in anc:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            usable = len(blob) - len(blob) % 4
-            fds.extend(int.from_bytes(blob[i:i + 4], "little", signed=True)
-                       for i in range(0, usable, 4))
+    data, fds, _flags, _addr = socket.recv_fds(sock, MAX_REQUEST, MAX_FDS,
+                                               socket.MSG_CMSG_CLOEXEC)
     if not data:
         for fd in fds:
             os.close(fd)
@@ -259,19 +250,27 @@ def _recv_assignment(sock: socket.socket) -> tuple[socket.socket, dict[str, Any]
     return socket.socket(fileno=fds[0]), req, fds[1:]
 
 
-def _posix_spawn(req: dict[str, Any], fds: list[int], limits: list[tuple[str, int]]) -> int:
-    fd_map = [(fds[i], target) for i, target in req["fds"]]
+def _spawn_fds(fd_spec: list[list[int]], fds: list[int]
+               ) -> tuple[list[int], int, list[tuple[int, ...]]]:
+    """Prepare the fds of a posix_spawn: returns (our lifted copies, to close after the
+    spawn; the lowest number above every target; the file actions placing them)."""
+    fd_map = [(fds[i], target) for i, target in fd_spec]
     targets = {t for _, t in fd_map}
     top = max(targets | {2}) + 1
     # Lift every source above all targets, so no dup2 overwrites a source still needed.
     lifted = [(_step("close fds", _dupfd_above, src, top), dst) for src, dst in fd_map]
     for fd in fds:
         os.close(fd)
-    # The payload inherits exactly the targets: everything of ours from 3 up is close-on-exec
+    # The child inherits exactly the targets: everything of ours from 3 up is close-on-exec
     # (close_range(2) CLOSE_RANGE_CLOEXEC, Linux 5.11), our own stdio is replaced or closed.
     _step("close fds", _libc.syscall, "close_range", 3, _FD_LAST, _CLOSE_RANGE_CLOEXEC)
     actions: list[tuple[int, ...]] = [(os.POSIX_SPAWN_DUP2, src, dst) for src, dst in lifted]
     actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in (0, 1, 2) if fd not in targets]
+    return [src for src, _ in lifted], top, actions
+
+
+def _posix_spawn(req: dict[str, Any], fds: list[int], limits: list[tuple[str, int]]) -> int:
+    lifted, _top, actions = _spawn_fds(req["fds"], fds)
     try:
         if req.get("cwd"):
             _step("chdir", _chdir, req["cwd"], req.get("cwd_fallback", False))
@@ -282,7 +281,7 @@ def _posix_spawn(req: dict[str, Any], fds: list[int], limits: list[tuple[str, in
         except OSError as exc:
             raise _StepFailed("execve", exc.errno or 0, str(exc)) from None
     finally:
-        for src, _ in lifted:  # the payload's copies only: a pipe must end when it closes it
+        for src in lifted:  # the payload's copies only: a pipe must end when it closes it
             os.close(src)
 
 
@@ -505,13 +504,7 @@ def _start_bwrap(spec: dict[str, Any], fds: list[int], bpf: bytes | None
     pipe)."""
     from .engines import bwrap
 
-    fd_map = [(fds[i], target) for i, target in spec["fds"]]
-    targets = {t for _, t in fd_map}
-    top = max(targets | {2}) + 1
-    lifted = [(_step("close fds", _dupfd_above, src, top), dst) for src, dst in fd_map]
-    for fd in fds:
-        os.close(fd)
-    _step("close fds", _libc.syscall, "close_range", 3, _FD_LAST, _CLOSE_RANGE_CLOEXEC)
+    lifted, top, actions = _spawn_fds(spec["fds"], fds)
     own: list[int] = []  # bwrap's fds: inherited (not close-on-exec), above every target
 
     def inherited(fd: int) -> int:
@@ -543,15 +536,13 @@ def _start_bwrap(spec: dict[str, Any], fds: list[int], bpf: bytes | None
                                     shim=bwrap.shim_command(spec, config_fd))
         except bwrap.BwrapError as exc:
             raise _StepFailed("bwrap", errno.EINVAL, str(exc)) from None
-        actions: list[tuple[int, ...]] = [(os.POSIX_SPAWN_DUP2, s, d) for s, d in lifted]
-        actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in (0, 1, 2) if fd not in targets]
         try:
             pid = os.posix_spawn(argv[0], argv, {}, file_actions=actions, setsigmask=(),
                                  setsigdef=_RESET_SIGNALS)
         except OSError as exc:
             raise _StepFailed("execve", exc.errno or 0, f"{argv[0]}: {exc.strerror}") from None
     finally:
-        for fd in [*own, *(s for s, _ in lifted)]:
+        for fd in [*own, *lifted]:
             os.close(fd)
     try:
         payload, handed = _shim_ready(ours)

@@ -44,7 +44,6 @@ from . import _child
 from .confine import _libc
 
 MAX_MSG = 1 << 20
-MAX_FDS = 253  # SCM_MAX_FD (include/net/scm.h)
 MAX_WARM = 4  # policies with pre-forked children waiting
 # Children kept ready per policy: with two, back-to-back spawns of one policy find one ready
 # while the next is being forked.
@@ -116,18 +115,13 @@ class _CgroupFailed(OSError):
 
 
 def _cgroup_kill(path: str) -> None:
-    # cgroup.kill (Linux 5.14): SIGKILL to every process in the cgroup and below, atomically
-    # with respect to forks (cgroup-v2.rst, "Core Interface Files").
+    """SIGKILL everything in a sandbox's cgroup (cgroups.SandboxCgroup.kill: cgroup.kill)."""
+    from .confine import cgroups
+
     try:
-        fd = os.open(os.path.join(path, "cgroup.kill"), os.O_WRONLY | os.O_CLOEXEC)
+        cgroups.SandboxCgroup(path).kill()
     except OSError:
-        return  # removed already
-    try:
-        os.write(fd, b"1")
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        pass  # removed already, or its processes are going anyway
 
 
 # An empty sandbox cgroup this old whose zygote is gone was left by a zygote that was killed.
@@ -166,7 +160,8 @@ def _pidfd_pid(pidfd: int) -> int:
     return -1
 
 
-def _plan_key(spec: dict[str, Any]) -> str:
+def plan_key(spec: dict[str, Any]) -> str:
+    """The policy a pre-forked child is restricted for (the caller computes it once per plan)."""
     return json.dumps({k: spec.get(k) for k in PLAN_KEYS}, sort_keys=True)
 
 
@@ -244,7 +239,7 @@ class Zygote:
 
     def _on_control(self) -> bool:
         try:
-            data, fds, _flags, _addr = socket.recv_fds(self.control, MAX_MSG, MAX_FDS)
+            data, fds, _flags, _addr = socket.recv_fds(self.control, MAX_MSG, _child.MAX_FDS)
         except (ConnectionResetError, OSError):
             return False
         if not data:
@@ -311,7 +306,7 @@ class Zygote:
     def _spawn(self, req: dict[str, Any], fds: list[int]) -> None:
         status = socket.socket(fileno=fds[0])
         spec = req["spec"]
-        key = str(req.get("key") or _plan_key(spec))
+        key = str(req.get("key") or plan_key(spec))
         ready = self.warm.pop(key, [])
         box = ready.pop(0) if ready else None
         if ready:
@@ -517,16 +512,14 @@ class Zygote:
         """Handle one message from a sandbox's child; False when there was none."""
         if not box.sock_open:  # closed by an earlier event of the same select() round
             return False
+        fds: list[int] = []
         try:
-            data, anc, _flags, _addr = box.sock.recvmsg(
-                MAX_MSG, socket.CMSG_SPACE(4), 0 if block else socket.MSG_DONTWAIT)
+            data, fds, _flags, _addr = socket.recv_fds(box.sock, MAX_MSG, 1,
+                                                       0 if block else socket.MSG_DONTWAIT)
         except BlockingIOError:
             return False
         except OSError:
-            data, anc = b"", []
-        fds = [int.from_bytes(blob[:4], sys.byteorder, signed=True)
-               for level, kind, blob in anc
-               if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS and len(blob) >= 4]
+            data = b""
         try:
             if not data:
                 self._unregister(box.sock)

@@ -38,6 +38,7 @@ from types import ModuleType
 from typing import Any
 
 from .confine import _libc
+from .confine.cgroups import write_file
 from .confine.landlock import query_abi
 from .confine.mounts import MNT_DETACH, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_PRIVATE, MS_REC
 from .confine.mounts import mount as _mount
@@ -447,14 +448,6 @@ def _capabilities_fact(host: _Host) -> Fact:
 # The namespace child
 
 
-def _write_file(path: str, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
-
-
 def _pid1(proc_target: str | None) -> None:
     """Body of the first process of the new pid namespace; only exits."""
     code = 0
@@ -501,9 +494,9 @@ def _ns_child(w: int, uid: int, gid: int, target: str) -> None:
     if undump:
         _libc.prctl(_libc.PR_SET_DUMPABLE, 1)
         out({"ns": "userns", "was_not_dumpable": True})
-    ok = (attempt("userns", "setgroups", lambda: _write_file("/proc/self/setgroups", "deny"))
-          and attempt("userns", "uid_map", lambda: _write_file("/proc/self/uid_map", f"0 {uid} 1"))
-          and attempt("userns", "gid_map", lambda: _write_file("/proc/self/gid_map", f"0 {gid} 1")))
+    ok = (attempt("userns", "setgroups", lambda: write_file("/proc/self/setgroups", "deny"))
+          and attempt("userns", "uid_map", lambda: write_file("/proc/self/uid_map", f"0 {uid} 1"))
+          and attempt("userns", "gid_map", lambda: write_file("/proc/self/gid_map", f"0 {gid} 1")))
     if undump:
         _libc.prctl(_libc.PR_SET_DUMPABLE, 0)
     if not ok:

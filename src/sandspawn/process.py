@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import io
-import json
 import locale
 import os
 import select
@@ -19,7 +18,7 @@ import types
 from collections.abc import Iterable, Mapping, Sequence
 from typing import IO, Any
 
-from ._zygote import PLAN_KEYS
+from ._zygote import plan_key
 from .engines import zygote
 from .errors import SpawnError, spawn_error
 from .plan import NOBODY, Plan, Report, make_plan
@@ -476,7 +475,7 @@ class _Prepared:
         self.plan = plan
         self.spec = _plan_spec(plan)
         # The zygote keeps one pre-forked child per key: what the child is restricted for.
-        self.key = json.dumps({k: self.spec.get(k) for k in PLAN_KEYS}, sort_keys=True)
+        self.key = plan_key(self.spec)
 
 
 _prepared: dict[tuple[Any, ...], _Prepared] = {}

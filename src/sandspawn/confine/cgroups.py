@@ -141,8 +141,9 @@ def _read(path: str) -> str | None:
         return None
 
 
-def _write(path: str, value: str) -> None:
-    # cgroup interface files take one value per write(2); no O_CREAT, no O_TRUNC needed.
+def write_file(path: str, value: str) -> None:
+    """One write(2) of `value` to an existing kernel interface file (cgroup and /proc files
+    take one value per write; no O_CREAT, no O_TRUNC)."""
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
         os.write(fd, value.encode())
@@ -389,7 +390,7 @@ def move_processes(src: str, dst: str, *, attempts: int = 100) -> int:
             try:
                 # Moving needs write access to dst's and the common ancestor's cgroup.procs
                 # (cgroup-v2.rst, "Delegation Containment").
-                _write(os.path.join(dst, "cgroup.procs"), pid)
+                write_file(os.path.join(dst, "cgroup.procs"), pid)
                 moved += 1
             except ProcessLookupError:
                 pass  # it exited meanwhile
@@ -422,7 +423,7 @@ def enable_controllers(support: CgroupSupport, controllers: Iterable[str] | None
         for _ in range(10):
             try:
                 move_processes(base, leaf)
-                _write(os.path.join(base, "cgroup.subtree_control"),
+                write_file(os.path.join(base, "cgroup.subtree_control"),
                        " ".join(f"+{c}" for c in want))
                 break
             except OSError as exc:
@@ -434,7 +435,7 @@ def enable_controllers(support: CgroupSupport, controllers: Iterable[str] | None
                               f"{base} keeps getting new processes")
     elif want:
         try:
-            _write(os.path.join(base, "cgroup.subtree_control"),
+            write_file(os.path.join(base, "cgroup.subtree_control"),
                    " ".join(f"+{c}" for c in want))
         except OSError as exc:
             raise CgroupError(exc.errno or errno.EIO, "enable controllers",
@@ -503,7 +504,7 @@ class SandboxCgroup:
 
     def _set(self, name: str, value: str, controller: str) -> None:
         try:
-            _write(self._file(name), value)
+            write_file(self._file(name), value)
         except FileNotFoundError:
             raise CgroupError(errno.ENOENT, f"set {name}",
                               f"{self.path} has no {name}: the {controller} controller is not "
@@ -540,7 +541,7 @@ class SandboxCgroup:
     def add(self, pid: int) -> None:
         """Move process `pid` (all its threads) into this cgroup (cgroup.procs, Linux 4.5)."""
         try:
-            _write(self._file("cgroup.procs"), str(pid))
+            write_file(self._file("cgroup.procs"), str(pid))
         except OSError as exc:
             raise CgroupError(exc.errno or errno.EIO, "join cgroup",
                               f"pid {pid} into {self.path}: {_errtext(exc)}") from None
@@ -549,7 +550,7 @@ class SandboxCgroup:
         """Move the calling process in: writing "0" names the writer (cgroup_procs_write_start()
         in kernel/cgroup/cgroup.c), which also works from inside another pid namespace."""
         try:
-            _write(self._file("cgroup.procs"), "0")
+            write_file(self._file("cgroup.procs"), "0")
         except OSError as exc:
             raise CgroupError(exc.errno or errno.EIO, "join cgroup",
                               f"into {self.path}: {_errtext(exc)}") from None
@@ -609,7 +610,7 @@ class SandboxCgroup:
         """
         if use_cgroup_kill and self.has("cgroup.kill"):
             try:
-                _write(self._file("cgroup.kill"), "1")
+                write_file(self._file("cgroup.kill"), "1")
                 return
             except FileNotFoundError:
                 return  # removed meanwhile
@@ -620,14 +621,14 @@ class SandboxCgroup:
         for _ in range(100):
             if freeze:
                 with contextlib.suppress(OSError):
-                    _write(self._file("cgroup.freeze"), "1")
+                    write_file(self._file("cgroup.freeze"), "1")
             pids = self._all_procs()
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             if freeze:
                 with contextlib.suppress(OSError):
-                    _write(self._file("cgroup.freeze"), "0")
+                    write_file(self._file("cgroup.freeze"), "0")
             if not pids:
                 return
             time.sleep(0.001)
