@@ -132,26 +132,15 @@ def _meaning(restriction: str, value: str, mechanism: str, **fmt: object) -> _Ca
     return _Candidate(m.mechanism, m.text.format(**fmt) if fmt else m.text, m.full)
 
 
-# What each filesystem meaning says of /tmp, and what holds instead without private_tmp.
-_PRIVATE_TMP_SENTENCES = (
-    "; /tmp is an empty private tmpfs.",
-    " and /tmp is an empty private tmpfs;",
-    "; the private /tmp is a fresh empty directory passed as $TMPDIR and removed afterwards "
-    "(the host's /tmp is not accessible).",
-)
-_SHARED_TMP = ("; /tmp is not private (private_tmp is off): it is there only as far as the "
-               "listed paths include it, as they declare it")
-
-
-def _fs_meaning(policy: Policy, cand: _Candidate) -> _Candidate:
-    """The filesystem meaning for this policy: without private_tmp, what it says of /tmp."""
-    if policy.filesystem.private_tmp:
-        return cand
-    text = cand.meaning
-    for sentence in _PRIVATE_TMP_SENTENCES:
-        end = "." if sentence.endswith(".") else ";"
-        text = text.replace(sentence, _SHARED_TMP + end)
-    return _Candidate(cand.mechanism, text, cand.full)
+def _fs_meaning(policy: Policy, cand: _Candidate, tmpfs: bool) -> _Candidate:
+    """The filesystem meaning with what holds for /tmp: a private tmpfs (`tmpfs`) or private
+    directory, or, without private_tmp, whatever the listed paths make of it."""
+    if not policy.filesystem.private_tmp:
+        tmp = semantics.lookup("filesystem", "shared /tmp", "policy paths")
+    else:
+        tmp = semantics.lookup("filesystem", "private /tmp",
+                               "mount namespace" if tmpfs else "landlock")
+    return _Candidate(cand.mechanism, f"{cand.meaning} {tmp.text}", cand.full)
 
 
 def make_plan(
@@ -297,10 +286,12 @@ def _plan_landlock(policy: Policy, probe: HostProbe, weaker: frozenset[str], cal
     req = _fs_requested(policy)
     if abi >= 3:
         add("filesystem", req,
-            [_fs_meaning(policy, _meaning("filesystem", "allow-list", "landlock"))], "", "")
+            [_fs_meaning(policy, _meaning("filesystem", "allow-list", "landlock"), False)],
+            "", "")
     elif abi >= 1:
         add("filesystem", req,
-            [_fs_meaning(policy, _meaning("filesystem", "allow-list", "landlock (ABI < 3)"))],
+            [_fs_meaning(policy, _meaning("filesystem", "allow-list", "landlock (ABI < 3)"),
+                         False)],
             f"Landlock ABI {abi} cannot control truncate()", "use Linux 6.2 or newer")
     else:
         add("filesystem", req, [], *no_ll)
@@ -571,13 +562,14 @@ def _plan_ns(engine: str, policy: Policy, probe: HostProbe, weaker: frozenset[st
     if engine == "bwrap" and abi < 1:
         ll = probe.fact("landlock")
         add("filesystem", _fs_requested(policy),
-            [_fs_meaning(policy, _meaning("filesystem", "allow-list", mech["fs_no_exec"]))],
+            [_fs_meaning(policy, _meaning("filesystem", "allow-list", mech["fs_no_exec"]),
+                         True)],
             "without Landlock nothing enforces exec: bubblewrap cannot mount noexec"
             + (f" ({ll.reason})" if ll.reason else ""),
             ll.remedy or "use a kernel with Landlock (Linux 5.13 or newer)")
     else:
         add("filesystem", _fs_requested(policy),
-            [_fs_meaning(policy, _meaning("filesystem", "allow-list", mech["fs"]))])
+            [_fs_meaning(policy, _meaning("filesystem", "allow-list", mech["fs"]), True)])
 
     net = policy.network
     own_netns = net.mode in ("none", "loopback")

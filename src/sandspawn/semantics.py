@@ -29,12 +29,11 @@ TABLE: tuple[Meaning, ...] = (
     # --- filesystem -----------------------------------------------------------------------------
     _M("filesystem", "allow-list", "mount namespace", True,
        "Only the listed paths exist, mounted as declared (ro read-only, rw writable, exec "
-       "executable); every other path does not exist; /tmp is an empty private tmpfs."),
+       "executable); every other path does not exist."),
     _M("filesystem", "allow-list", "landlock", True,
        "Listed paths are accessible as declared (ro, rw, exec); any other path can still be "
        "stat()ed, but opening, listing, executing, creating, removing, renaming or truncating it "
-       "fails with EACCES; the private /tmp is a fresh empty directory passed as $TMPDIR and "
-       "removed afterwards (the host's /tmp is not accessible). exec is checked at execve(): a "
+       "fails with EACCES. exec is checked at execve(): a "
        "readable file without exec access can still be run through the dynamic loader."),
     _M("filesystem", "allow-list", "landlock (ABI < 3)", False,
        "As with Landlock, except that files in read-only paths can still be truncated "
@@ -42,14 +41,23 @@ TABLE: tuple[Meaning, ...] = (
     _M("filesystem", "allow-list", "bwrap mount namespace + landlock", True,
        "Only the listed paths exist (bubblewrap binds them into an empty root; every other path "
        "does not exist); ro paths are read-only (EROFS) and rw paths writable, while the root, "
-       "/dev and /proc/sys are read-only; /tmp is an empty private tmpfs. A Landlock domain "
+       "/dev and /proc/sys are read-only. A Landlock domain "
        "applied by the shim allows execution only below exec paths and, unless a path is bound "
        "below them, /tmp and /dev/shm (EACCES elsewhere: bubblewrap cannot mount noexec), and "
        "denies writes outside rw paths, /tmp, /dev/shm, /proc and the writable device nodes."),
     _M("filesystem", "allow-list", "bwrap mount namespace", False,
-       "Only the listed paths exist, read-only or writable as declared, and /tmp is an empty "
-       "private tmpfs; but exec is not enforced: bubblewrap cannot mount noexec and without "
+       "Only the listed paths exist, read-only or writable as declared; but exec is not "
+       "enforced: bubblewrap cannot mount noexec and without "
        "Landlock any file the sandbox can read can be executed."),
+    # /tmp, appended to the filesystem meaning: private (per mechanism) or as the paths say.
+    _M("filesystem", "private /tmp", "mount namespace", True,
+       "/tmp is an empty private tmpfs."),
+    _M("filesystem", "private /tmp", "landlock", True,
+       "The private /tmp is a fresh empty directory passed as $TMPDIR and removed afterwards "
+       "(the host's /tmp is not accessible)."),
+    _M("filesystem", "shared /tmp", "policy paths", True,
+       "/tmp is not private (private_tmp is off): it is there only as far as the listed paths "
+       "include it, as they declare it."),
     # --- network --------------------------------------------------------------------------------
     _M("network", "none", "network namespace", True,
        "Only a loopback interface private to the sandbox exists; any other address is "
