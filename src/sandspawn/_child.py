@@ -9,14 +9,17 @@ The request's first fd is the zygote's end of the caller's status socket: this c
 caller itself, which saves a hop through the zygote each way. JSON messages, with SCM_RIGHTS:
 
     to the caller:  {"started": host_pid} + the payload's pidfd   (when it knows the host pid)
+                    {"started": 0, "ack": true} + the payload's pidfd + an ack socket
+                        (pid 1: the caller reads the host pid from the pidfd and acks)
                     {"exit": wait_status}                          when the payload exits
-    to the zygote:  {"started": told} + the payload's pidfd        if not told, the zygote
-                        reads the host pid from the pidfd, tells the caller, and acks (one byte)
+    to the zygote:  {"assigned": {"timeout": t}} + the status socket   (a leased request)
+                    {"started": true}                              before the caller is told
                     {"exit": wait_status}                          after telling the caller
                     {"error": [step, errno, detail]}               a step failed: nothing ran
 
-Pid 1 of a namespace sandbox cannot know the payload's pid in the zygote's pid namespace, so
-it takes the zygote's way for "started".
+Pid 1 of a namespace sandbox cannot know the payload's pid in the caller's pid namespace; the
+caller reads it from the pidfd's fdinfo, and pid 1 does not reap the payload until the caller
+has acknowledged (once reaped, the pidfd no longer tells the pid).
 
 With a cgroup of its own (spec "cgroup_dir", made by the zygote), the child joins it before
 anything else (`_join_cgroup`: before the uid drop, before entering namespaces, so a cgroup
@@ -35,6 +38,7 @@ import socket
 import sys
 from typing import Any, NoReturn
 
+from ._fdpass import recv_fds
 from .confine import _libc, caps, landlock, rlimits, seccomp
 
 # Dispositions Python changes at start-up (SIGPIPE, SIGXFSZ ignored) or the zygote sets (SIGCHLD).
@@ -132,6 +136,9 @@ def _fresh_child(sock_fd: int) -> None:
     """First thing after the fork: nothing inherited from the zygote stays open but our socket
     and stdio (other sandboxes' status sockets, the control socket, other children's sockets),
     and signals are as a new process has them."""
+    # Until specialize() sets it for good: a child whose set-up fails waits for its request
+    # (_fail), and must not outlive the zygote meanwhile.
+    _libc.prctl(_libc.PR_SET_PDEATHSIG, signal.SIGKILL)
     os.closerange(3, sock_fd)
     os.closerange(sock_fd + 1, 1 << 20)
     for sig in _RESET_SIGNALS:
@@ -183,8 +190,7 @@ def specialize(spec: dict[str, Any], bpf: bytes | None, parent: int, host: HostC
 
 def _recv_request(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
     """The exec request and its fds (close-on-exec here); (None, []) when the zygote retires us."""
-    data, fds, _flags, _addr = socket.recv_fds(sock, MAX_REQUEST, MAX_FDS,
-                                               socket.MSG_CMSG_CLOEXEC)
+    data, fds = recv_fds(sock, MAX_REQUEST, MAX_FDS, socket.MSG_CMSG_CLOEXEC)
     if not data:
         for fd in fds:
             os.close(fd)
@@ -212,16 +218,20 @@ def start_payload(sock: socket.socket, status: socket.socket, req: dict[str, Any
         pid = _posix_spawn(req, fds, limits)
     try:
         pidfd = os.pidfd_open(pid)
+        # The zygote first: once the caller knows, it may kill us, and the zygote must then
+        # know that the payload had started.
+        _send(sock, {"started": True})
         if host_pids:
-            # The zygote first: once the caller knows, it may kill us, and the zygote must
-            # then know that the payload had started.
-            _send(sock, {"started": True})
             _send(status, {"started": pid}, [pidfd])
         else:
-            _send(sock, {"started": False}, [pidfd])
-            # Stay away from waitpid until the zygote has read the payload's host pid from
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            _send(status, {"started": 0, "ack": True}, [pidfd, theirs.fileno()])
+            theirs.close()
+            # Stay away from waitpid until the caller has read the payload's host pid from
             # the pidfd: once reaped, it no longer tells (fs/pidfs.c pidfd_show_fdinfo).
-            sock.recv(1)
+            # EOF (the caller gave up or died) also lets us go on.
+            ours.recv(1)
+            ours.close()
         os.close(pidfd)
     except BaseException:
         os.killpg(0, signal.SIGKILL)  # never leave a payload running unobserved
@@ -241,13 +251,33 @@ def _report_exit(sock: socket.socket, status: socket.socket, wait_status: int,
     _send(sock, {"exit": wait_status})
 
 
-def _recv_assignment(sock: socket.socket) -> tuple[socket.socket, dict[str, Any], list[int]]:
+def _recv_assignment(sock: socket.socket, spec: dict[str, Any]
+                     ) -> tuple[socket.socket, dict[str, Any], list[int]]:
     """The request, with the caller's status socket split off its fds; at EOF (the zygote
-    retires us before use) this process exits."""
+    retires us before use) this process exits.
+
+    A request the caller sent us itself (a lease, "leased") is announced to the zygote first,
+    with a copy of the status socket: from then on it relays kill and timeout as usual."""
     req, fds = _recv_request(sock)
     if req is None or not fds:
         os._exit(0)
+    if req.get("leased"):
+        _send(sock, {"assigned": {"timeout": req.get("timeout")}}, fds[:1])
+    if spec.get("tmpdir"):
+        req["env"] = {**req["env"], "TMPDIR": spec["tmpdir"]}
     return socket.socket(fileno=fds[0]), req, fds[1:]
+
+
+def _fail(sock_fd: int, spec: dict[str, Any], exc: BaseException) -> NoReturn:
+    """A step failed before the request came: report it once it comes, so whoever sent it
+    (the zygote, or the caller through a lease) learns why, then exit."""
+    sock = socket.socket(fileno=sock_fd)  # referenced until _exit: it must not close sock_fd
+    try:
+        _recv_assignment(sock, spec)
+    except BaseException:
+        pass
+    _send_error(sock_fd, exc)
+    os._exit(127)
 
 
 def _spawn_fds(fd_spec: list[list[int]], fds: list[int]
@@ -369,8 +399,11 @@ def warm_main(sock_fd: int, spec: dict[str, Any], bpf: bytes | None, parent: int
         _fresh_child(sock_fd)
         _join_cgroup(spec)
         specialize(spec, bpf, parent, host)
+    except BaseException as exc:
+        _fail(sock_fd, spec, exc)
+    try:
         sock = socket.socket(fileno=sock_fd)
-        status, req, fds = _recv_assignment(sock)
+        status, req, fds = _recv_assignment(sock, spec)
         payload = start_payload(sock, status, req, fds, _limits(spec), host_pids=True)
     except BaseException as exc:
         _send_error(sock_fd, exc)
@@ -408,8 +441,8 @@ def native_warm_main(sock_fd: int, spec: dict[str, Any], bpf: bytes | None, pare
         namespaces.fork_init(start=lambda: _native_pid1(sock, status, spec, bpf, host),
                              on_exit=lambda st: _report_exit(sock, status[0], st,
                                                              bool(spec.get("cgroup_relay"))))
-    except BaseException as exc:
-        _send_error(sock_fd, exc)
+    except BaseException as exc:  # pid 1 did not start: the request is still to come
+        _fail(sock_fd, spec, exc)
     os._exit(127)
 
 
@@ -441,7 +474,10 @@ def _native_pid1(sock: socket.socket, status: list[socket.socket], spec: dict[st
         # Inside the user namespace we hold every capability: drop them all, bounding set too.
         _step("drop capabilities", caps.drop_bounding_set, host.last_cap)
         _lock_down(spec, bpf)
-        assigned = _recv_assignment(sock)
+    except BaseException as exc:
+        _fail(sock.fileno(), spec, exc)
+    try:
+        assigned = _recv_assignment(sock, spec)
         status.append(assigned[0])
         return start_payload(sock, assigned[0], assigned[1], assigned[2], _limits(spec),
                              host_pids=False)
@@ -467,8 +503,11 @@ def bwrap_warm_main(sock_fd: int, spec: dict[str, Any], bpf: bytes | None, paren
             # The payload must be host uid 65534 (not root inside a root-owned user namespace).
             _step("set uid/gid", _drop_identity, spec["uid"], spec["gid"], host)
         _step("die with parent", _die_with_parent, parent)
+    except BaseException as exc:
+        _fail(sock_fd, spec, exc)
+    try:
         sock = socket.socket(fileno=sock_fd)
-        status, req, fds = _recv_assignment(sock)
+        status, req, fds = _recv_assignment(sock, spec)
         bwrap_pid, payload, pidfd, handover = _start_bwrap({**spec, **req}, fds, bpf)
     except BaseException as exc:
         _send_error(sock_fd, exc)

@@ -7,10 +7,21 @@ restricted in advance (see _child.py); a request goes to that child, which start
 and reports back. The zygote relays to the status socket:
 
     {"started": pid}  + the payload's pidfd      or      {"error": [step, errno, detail]}
+        (a namespace sandbox's pid 1 sends {"started": 0, "ack": true} + the pidfd + an ack
+        socket: the caller reads the pid from the pidfd, then acks; see _child.py)
     {"exit": wait_status, "timed_out": bool}       when the payload has exited
         (+ "cgroup": the sandbox cgroup's outcome, confine.cgroups.CgroupOutcome.to_json())
 
 and obeys {"kill": true} on that socket (the whole sandbox is killed).
+
+Leases take us off the spawn path. A spawn request with "lease": true asks for them: from then
+on we keep the caller supplied with one ready child per policy, sending {"lease": key} and a
+copy of our socket to that child on the control socket. The caller sends its next request for
+that policy straight to the child (with "leased": true), and the child first gives us its copy
+of the status socket ({"assigned": {"timeout": t}}), so timeouts, kill and the exit work as
+for a request that came through us. A lease the caller no longer wants comes back with
+{"op": "return", "key": key}; until then the child stays (we never kill a leased child that
+may be receiving a request: the request would be lost).
 
 When the plan gives each sandbox a cgroup v2 of its own (spec "cgroup"), the zygote detects the
 cgroup hierarchy once, creates the sandbox's cgroup (and sets its limits) before the fork, and
@@ -41,6 +52,7 @@ import time
 from typing import Any
 
 from . import _child
+from ._fdpass import recv_fds
 from .confine import _libc
 
 MAX_MSG = 1 << 20
@@ -64,14 +76,15 @@ PLAN_KEYS = ("engine", "landlock", "seccomp", "uid", "gid", "rlimits", "private_
               "inside_gid", "bwrap", "cgroup")
 _MAINS = {"landlock": _child.warm_main, "native": _child.native_warm_main,
           "bwrap": _child.bwrap_warm_main}
-_REQUEST_KEYS = ("argv", "executable", "cwd", "cwd_fallback", "fds")
+_REQUEST_KEYS = ("argv", "executable", "cwd", "cwd_fallback", "fds", "env")
 
 
 class _Box:
     """A pre-forked child: first waiting for its request ("warm"), then a running sandbox."""
 
     __slots__ = ("pid", "sock", "tmpdir", "native", "status", "deadline", "timed_out",
-                 "started", "told", "reaped", "sock_open", "key", "cgroup", "relay")
+                 "started", "told", "reaped", "sock_open", "key", "cgroup", "relay", "leased",
+                 "spec")
 
     def __init__(self, pid: int, sock: socket.socket, tmpdir: str | None, native: bool,
                  cgroup: str | None = None) -> None:
@@ -90,6 +103,8 @@ class _Box:
         self.key = ""  # the policy it was forked for
         self.cgroup = cgroup  # the sandbox's own cgroup directory, if it has one
         self.relay = False  # the child reports the exit to us only: we add the outcome
+        self.leased = False  # the caller holds a copy of `sock` and sends the request itself
+        self.spec: dict[str, Any] = {}  # the spawn spec it was forked for
 
     def kill(self) -> None:
         """SIGKILL the whole sandbox: the process group of the landlock engine's child and
@@ -150,16 +165,6 @@ def _sweep_stale(base: str, prefix: str) -> None:
             pass
 
 
-def _pidfd_pid(pidfd: int) -> int:
-    """The pid a pidfd refers to, in our pid namespace (fs/pidfs.c, "Pid:" in fdinfo; -1 once
-    reaped)."""
-    with open(f"/proc/self/fdinfo/{pidfd}") as f:
-        for line in f:
-            if line.startswith("Pid:"):
-                return int(line.split()[1])
-    return -1
-
-
 def plan_key(spec: dict[str, Any]) -> str:
     """The policy a pre-forked child is restricted for (the caller computes it once per plan)."""
     return json.dumps({k: spec.get(k) for k in PLAN_KEYS}, sort_keys=True)
@@ -180,6 +185,8 @@ class Zygote:
         self.boxes: dict[int, _Box] = {}  # every child of ours, warm or running, by pid
         self.warm: dict[str, list[_Box]] = {}  # most recently used policy last
         self.wanted: dict[str, tuple[float, dict[str, Any]]] = {}  # key → (when, spec)
+        self.lease_keys: dict[str, None] = {}  # policies the caller takes leases for (MRU last)
+        self.leased: dict[str, _Box] = {}  # the caller's unused lease per policy
         self.bpf_cache: dict[str, bytes] = {}
         self.probe_json: dict[str, Any] | None = None
         self.cgroups: Any = None  # confine.cgroups.CgroupSupport, detected at first need
@@ -239,9 +246,9 @@ class Zygote:
 
     def _on_control(self) -> bool:
         try:
-            data, fds, _flags, _addr = socket.recv_fds(self.control, MAX_MSG, _child.MAX_FDS)
-        except (ConnectionResetError, OSError):
-            return False
+            data, fds = recv_fds(self.control, MAX_MSG, _child.MAX_FDS)
+        except OSError as exc:  # a request cut short is dropped (its fds are closed)
+            return exc.errno == errno.EMSGSIZE
         if not data:
             for fd in fds:
                 os.close(fd)
@@ -253,6 +260,10 @@ class Zygote:
                 self._spawn(req, fds)
             elif op == "probe":
                 self._reply_probe(fds)
+            elif op == "return":
+                self._return_lease(str(req.get("key")))
+                for fd in fds:
+                    os.close(fd)
             else:
                 for fd in fds:
                     os.close(fd)
@@ -324,9 +335,6 @@ class Zygote:
                 os.close(fd)
             return
         request = {k: spec[k] for k in _REQUEST_KEYS}
-        request["env"] = dict(spec["env"])
-        if box.tmpdir:
-            request["env"]["TMPDIR"] = box.tmpdir
         try:
             # The child tells the caller itself, on a copy of our end of the status socket.
             socket.send_fds(box.sock, [json.dumps(request).encode()], fds)
@@ -343,6 +351,53 @@ class Zygote:
         self.sel.register(box.sock, selectors.EVENT_READ, ("child", box))
         self.sel.register(status, selectors.EVENT_READ, ("status", box))
         self.wanted[key] = (time.monotonic() + PREFORK_DELAY, spec)
+        if req.get("lease"):
+            self.lease_keys.pop(key, None)
+            self.lease_keys[key] = None
+            while len(self.lease_keys) > MAX_WARM:
+                del self.lease_keys[next(iter(self.lease_keys))]
+            self._give_leases()
+
+    def _give_leases(self) -> None:
+        """Lease a ready child to the caller for each policy it wants leases for and has none."""
+        for key in self.lease_keys:
+            ready = self.warm.get(key)
+            if key in self.leased or not ready:
+                continue
+            box = ready[0]
+            try:
+                socket.send_fds(self.control, [json.dumps({"lease": key}).encode()],
+                                [box.sock.fileno()], socket.MSG_DONTWAIT)
+            except OSError:
+                return  # the caller is not reading (or is gone): it spawns through us
+            ready.pop(0)
+            box.leased = True
+            box.key = key
+            self.leased[key] = box
+            # Its "assigned" (or its failure) comes to us, whenever the caller uses it.
+            self.sel.register(box.sock, selectors.EVENT_READ, ("child", box))
+            if key not in self.wanted:  # refill the pool: not while a short payload runs
+                self.wanted[key] = (time.monotonic() + PREFORK_DELAY, box.spec)
+
+    def _return_lease(self, key: str) -> None:
+        box = self.leased.pop(key, None)
+        if box is not None and box.status is None and not box.told:
+            self._unregister(box.sock)
+            box.kill()  # unused: the caller closed its copy and will not send to it
+            self._retire(box)
+
+    def _on_assigned(self, box: _Box, msg: dict[str, Any], fds: list[int]) -> None:
+        """A leased child got the caller's request: take over its status socket."""
+        if not box.leased or box.status is not None or not fds:
+            return
+        if self.leased.get(box.key) is box:
+            del self.leased[box.key]
+        box.status = socket.socket(fileno=os.dup(fds[0]))
+        timeout = msg.get("timeout")
+        if timeout:
+            box.deadline = time.monotonic() + float(timeout)
+        self.sel.register(box.status, selectors.EVENT_READ, ("status", box))
+        self._give_leases()
 
     def _prefork_due(self) -> None:
         """Fork the next child for a policy whose time has come: one fork per call, and none
@@ -373,6 +428,7 @@ class Zygote:
             while len(self.warm) > MAX_WARM:
                 for old in self.warm.pop(next(iter(self.warm))):
                     self._retire(old)
+            self._give_leases()
             return
 
     def _retire(self, box: _Box) -> None:
@@ -481,6 +537,7 @@ class Zygote:
                     ll = dict(spec["landlock"])
                     ll["path_rules"] = [*ll["path_rules"], [tmpdir, int(spec["tmp_access"])]]
                     child_spec = {**spec, "landlock": ll}
+                child_spec = {**child_spec, "tmpdir": tmpdir}
             engine = spec.get("engine")
             main = _MAINS.get(str(engine))
             if main is None:  # never run a payload under an engine we do not know
@@ -503,6 +560,7 @@ class Zygote:
         theirs.close()
         box = _Box(pid, ours, tmpdir, native, cgroup)
         box.relay = bool(child_spec.get("cgroup_relay"))
+        box.spec = spec
         self.boxes[pid] = box
         return box
 
@@ -514,8 +572,7 @@ class Zygote:
             return False
         fds: list[int] = []
         try:
-            data, fds, _flags, _addr = socket.recv_fds(box.sock, MAX_MSG, 1,
-                                                       0 if block else socket.MSG_DONTWAIT)
+            data, fds = recv_fds(box.sock, MAX_MSG, 1, 0 if block else socket.MSG_DONTWAIT)
         except BlockingIOError:
             return False
         except OSError:
@@ -539,14 +596,10 @@ class Zygote:
             msg = json.loads(data)
         except ValueError:
             msg = {}
-        if "started" in msg and not box.started:
+        if "assigned" in msg:
+            self._on_assigned(box, dict(msg["assigned"] or {}), fds)
+        elif "started" in msg and not box.started:
             box.started = True
-            if msg["started"] is not True and fds:  # it could not tell the caller the pid
-                self._send(box.status, {"started": _pidfd_pid(fds[0])}, fds[:1])
-                try:
-                    box.sock.send(b"k")  # it may reap the payload now
-                except OSError:
-                    pass
         elif "error" in msg and not box.started and not box.told:
             self._tell(box, {"error": msg["error"]})
         elif "exit" in msg and box.started and not box.told:
@@ -607,17 +660,40 @@ class Zygote:
             if box is None:
                 continue  # an orphan that was reparented to us (we are a child subreaper)
             box.reaped = status
+            if box.leased and box.status is None and box.sock_open:
+                self._drain_assignment(box)
             if box.status is None and not box.told:
                 # A warm child that died before its request: the next spawn forks afresh.
                 for ready in self.warm.values():
                     if box in ready:
                         ready.remove(box)
+                if box.leased and self.leased.get(box.key) is box:
+                    # The caller's request to it fails to send (EPIPE) and comes through us.
+                    del self.leased[box.key]
+                if box.sock_open:
+                    self._unregister(box.sock)
                 self._forget(box)
+                self._give_leases()
                 continue
             while box.sock_open and self._on_child(box, block=False):
                 pass  # what it said before it exited comes first
             if not box.sock_open:
                 self._finish(box)
+
+    def _drain_assignment(self, box: _Box) -> None:
+        """A leased child exited: it may have been assigned (and failed) before we read it."""
+        while box.status is None:
+            try:
+                data, fds = recv_fds(box.sock, MAX_MSG, 1, socket.MSG_DONTWAIT)
+            except OSError:
+                return
+            try:
+                if not data:
+                    return
+                self._on_message(box, data, fds)
+            finally:
+                for fd in fds:
+                    os.close(fd)
 
     def _finish(self, box: _Box) -> None:
         """Our child is reaped and its socket drained: tell the caller if nothing did yet."""

@@ -142,9 +142,8 @@ class Popen:
                 os.fstat(fd)  # EBADF now, not in the child
                 fd_map.append((len(send), fd))
                 send.append(fd)
-            spec_json = {**prepared.spec, **_request(self.args, executable, cwd, fd_map)}
-            status = zygote.client().request(
-                {"op": "spawn", "key": prepared.key, "spec": spec_json}, send)
+            status = zygote.client().spawn(prepared.key, prepared.spec,
+                                           _request(self.args, executable, cwd, fd_map), send)
         except BaseException:
             for _, fd in parent_ends:
                 os.close(fd)
@@ -179,8 +178,16 @@ class Popen:
                 detail += f" (is {executable} under a path with exec access in the policy?)"
             raise spawn_error(step, err, detail,
                               filename=str(cwd) if step == "chdir" and cwd else executable)
-        self.pid: int = int(msg["started"])
         self.pidfd = fds[0] if fds else None
+        self.pid: int = int(msg["started"])
+        try:
+            if msg.get("ack") and self.pidfd is not None:
+                # A namespace sandbox's pid 1 cannot know the payload's pid out here: the
+                # pidfd tells, and pid 1 waits for our ack before it may reap the payload.
+                self.pid = _pidfd_pid(self.pidfd)
+        finally:
+            for fd in fds[1:]:
+                os.close(fd)  # the ack socket: closing it is the ack
         for name, fd in parent_ends:
             setattr(self, name, self._wrap(fd, name == "stdin"))
 
@@ -441,6 +448,16 @@ def run(
     if check:
         completed.check_returncode()
     return completed
+
+
+def _pidfd_pid(pidfd: int) -> int:
+    """The pid a pidfd refers to, in our pid namespace (fs/pidfs.c pidfd_show_fdinfo, "Pid:";
+    -1 once reaped)."""
+    with open(f"/proc/self/fdinfo/{pidfd}") as f:
+        for line in f:
+            if line.startswith("Pid:"):
+                return int(line.split()[1])
+    return -1
 
 
 def _check_strings(args: Sequence[str], env: Mapping[str, str] | None) -> None:

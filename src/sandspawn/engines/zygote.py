@@ -13,6 +13,7 @@ import tempfile
 import threading
 from typing import Any
 
+from .._fdpass import recv_fds
 from ..errors import SpawnError
 
 _PKG_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -22,6 +23,8 @@ _BOOT = (
     "from sandspawn._zygote import main; main(sys.argv)"
 )
 MAX_MSG = 1 << 20
+# Policies we keep a leased child for (the zygote keeps as many with pre-forked children).
+MAX_LEASES = 4
 
 
 class ZygoteClient:
@@ -34,6 +37,9 @@ class ZygoteClient:
         self._owner_pid = 0
         self._base: str | None = None
         self._pidfd = -1
+        # key → our copy of the zygote's socket to a ready child for that policy (a lease): a
+        # request sent there skips the zygote. Least recently used first.
+        self._leases: dict[str, socket.socket] = {}
 
     def _start(self) -> socket.socket:
         # The zygote keeps its sandboxes' private temporary directories under this one, so
@@ -63,8 +69,73 @@ class ZygoteClient:
             # a request sent now would be lost.
             self._forget()
         if self._sock is None or self._owner_pid != os.getpid():
+            self._drop_leases()  # a forked caller: they are its parent's
             return self._start()
         return self._sock
+
+    def _drop_leases(self) -> None:
+        for lease in self._leases.values():
+            lease.close()
+        self._leases.clear()
+
+    def _collect_leases(self, sock: socket.socket) -> None:
+        """Take the leases the zygote sent since we last looked (never blocks)."""
+        while True:
+            try:
+                data, fds = recv_fds(sock, MAX_MSG, 1, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data, fds = b"", []
+            if not data:  # EOF: the zygote died; _control() finds out and restarts it
+                for fd in fds:
+                    os.close(fd)
+                return
+            key = json.loads(data).get("lease")
+            if not fds:
+                continue
+            lease = socket.socket(fileno=fds[0])
+            for fd in fds[1:]:
+                os.close(fd)
+            old = self._leases.pop(str(key), None)
+            if old is not None:
+                old.close()
+            self._leases[str(key)] = lease
+            while len(self._leases) > MAX_LEASES:
+                oldest = next(iter(self._leases))
+                self._leases.pop(oldest).close()
+                self._send_control(sock, {"op": "return", "key": oldest}, [])
+
+    def _take_lease(self, key: str) -> socket.socket | None:
+        with self._lock:
+            self._collect_leases(self._control())
+            return self._leases.pop(key, None)
+
+    def spawn(self, key: str, spec: dict[str, Any], request: dict[str, Any], fds: list[int]
+              ) -> socket.socket:
+        """Start a sandbox: the request goes straight to a leased child of this policy when we
+        have one, else through the zygote (which then leases us the next). Returns our end of
+        the status socket."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            data = json.dumps({**request, "env": spec["env"], "timeout": spec.get("timeout"),
+                               "leased": True}).encode()
+            while (lease := self._take_lease(key)) is not None:
+                try:
+                    socket.send_fds(lease, [data], [theirs.fileno(), *fds], socket.MSG_NOSIGNAL)
+                    return ours
+                except (BrokenPipeError, ConnectionResetError, ConnectionRefusedError):
+                    continue  # that child died unused: the next lease, or the zygote
+                finally:
+                    lease.close()
+            self._request({"op": "spawn", "key": key, "spec": {**spec, **request},
+                           "lease": True}, theirs, fds)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        return ours
 
     def _exited(self) -> bool:
         poller = select.poll()
@@ -76,6 +147,7 @@ class ZygoteClient:
         if self._sock is not None:
             self._sock.close()
         self._sock = None
+        self._drop_leases()
         if self._base is not None:
             shutil.rmtree(self._base, ignore_errors=True)
             self._base = None
@@ -87,25 +159,35 @@ class ZygoteClient:
         """Send `msg` with a fresh reply socket first in the fds; return our end of it."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            data = json.dumps(msg).encode()
-            with self._lock:
-                for attempt in (1, 2):
-                    sock = self._control()
-                    try:
-                        socket.send_fds(sock, [data], [theirs.fileno(), *fds])
-                        break
-                    except (BrokenPipeError, ConnectionResetError):
-                        # The zygote died before this request reached it: safe to retry once.
-                        self._forget()
-                        if attempt == 2:
-                            raise SpawnError("zygote", 0,
-                                             "the zygote could not be started") from None
+            self._request(msg, theirs, fds)
         except BaseException:
             ours.close()
             raise
         finally:
             theirs.close()
         return ours
+
+    def _request(self, msg: dict[str, Any], reply: socket.socket, fds: list[int]) -> None:
+        data = json.dumps(msg).encode()
+        with self._lock:
+            for attempt in (1, 2):
+                sock = self._control()
+                try:
+                    socket.send_fds(sock, [data], [reply.fileno(), *fds], socket.MSG_NOSIGNAL)
+                    return
+                except (BrokenPipeError, ConnectionResetError):
+                    # The zygote died before this request reached it: safe to retry once.
+                    self._forget()
+                    if attempt == 2:
+                        raise SpawnError("zygote", 0,
+                                         "the zygote could not be started") from None
+
+    @staticmethod
+    def _send_control(sock: socket.socket, msg: dict[str, Any], fds: list[int]) -> None:
+        try:
+            socket.send_fds(sock, [json.dumps(msg).encode()], fds, socket.MSG_NOSIGNAL)
+        except OSError:
+            pass  # the zygote is gone: the next request finds out
 
     @property
     def pid(self) -> int | None:
@@ -117,7 +199,7 @@ def read_message(sock: socket.socket, timeout: float | None = None
     """One message from a status socket; (None, []) on EOF (the zygote died)."""
     sock.settimeout(timeout)
     try:
-        data, fds, _flags, _addr = socket.recv_fds(sock, MAX_MSG, 4)
+        data, fds = recv_fds(sock, MAX_MSG, 4)
     finally:
         sock.settimeout(None)
     if not data:

@@ -1,0 +1,181 @@
+"""Leases: after the first spawn of a policy the caller sends its requests straight to a ready
+child, and the zygote is off the spawn path. Real sandboxes, real zygote."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import tempfile
+import time
+from typing import Any
+
+import pytest
+
+import sandspawn
+from sandspawn._fdpass import recv_fds
+from sandspawn.engines import zygote
+from sandspawn.errors import SpawnError
+from sandspawn.policy import PathRule
+
+ENGINES = [{"engine": "native"},
+           {"engine": "landlock", "allow_weaker": {"processes"}}]
+
+
+@pytest.fixture(params=ENGINES, ids=lambda o: str(o["engine"]))
+def opts(request: pytest.FixtureRequest) -> dict[str, Any]:
+    return dict(request.param)
+
+
+def _wait_for_lease(key: str, timeout: float = 5.0) -> None:
+    client = zygote.client()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lease = client._take_lease(key)
+        if lease is not None:
+            with client._lock:  # put it back for the next spawn
+                client._leases[key] = lease
+            return
+        time.sleep(0.01)
+    raise AssertionError("the zygote leased no child for this policy")
+
+
+def _key(opts: dict[str, Any], policy: Any = "strict") -> str:
+    return sandspawn.process._prepare(sandspawn.process.resolve_policy(policy),
+                                      opts["engine"], opts.get("allow_weaker", ()),
+                                      None, sandspawn.plan.NOBODY, sandspawn.plan.NOBODY).key
+
+
+def _zygote_children(zyg: int) -> list[int]:
+    with open(f"/proc/{zyg}/task/{zyg}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_a_leased_spawn_does_not_wait_for_the_zygote(opts: dict[str, Any]) -> None:
+    assert sandspawn.run(["true"], cwd="/", **opts).returncode == 0
+    _wait_for_lease(_key(opts))
+    zyg = zygote.client().pid
+    assert zyg is not None
+    relay = bool(sandspawn.explain("strict", engine=opts["engine"],
+                                   allow_weaker=opts.get("allow_weaker", ())).cgroup_limits)
+    os.kill(zyg, signal.SIGSTOP)
+    try:
+        # Started and running while the zygote cannot run at all: the request went to the
+        # leased child, which told us itself.
+        proc = sandspawn.Popen(["sh", "-c", "echo $((6 * 7))"], cwd="/",
+                               stdout=sandspawn.PIPE, **opts)
+        assert proc.pid > 0 and proc.pidfd is not None
+        assert proc.stdout is not None and proc.stdout.read() == b"42\n"
+        if not relay:  # without cgroup limits the child also reports the exit to us itself
+            assert proc.wait(timeout=10) == 0
+    finally:
+        os.kill(zyg, signal.SIGCONT)
+    assert proc.wait(timeout=10) == 0
+    # The zygote took over the leased sandbox when it woke: its timeout and kill() work.
+    slow = sandspawn.Popen(["sleep", "30"], cwd="/", **opts)
+    slow.kill()
+    assert slow.wait(timeout=10) == -signal.SIGKILL
+
+
+def test_a_timeout_holds_for_a_leased_sandbox(opts: dict[str, Any]) -> None:
+    from sandspawn.policy import Lifetime, Policy
+
+    pol = sandspawn.process.resolve_policy("strict")
+    pol = Policy(**{**pol.__dict__, "lifetime": Lifetime(timeout=0.5)})
+    assert sandspawn.run(["true"], pol, cwd="/", **opts).returncode == 0
+    _wait_for_lease(_key(opts, pol))
+    start = time.monotonic()
+    proc = sandspawn.Popen(["sleep", "30"], pol, cwd="/", **opts)
+    assert proc.wait(timeout=10) == -signal.SIGKILL
+    assert proc.timed_out and time.monotonic() - start < 5
+
+
+def test_a_dead_leased_child_falls_back_to_the_zygote(opts: dict[str, Any]) -> None:
+    assert sandspawn.run(["true"], cwd="/", **opts).returncode == 0
+    _wait_for_lease(_key(opts))
+    zyg = zygote.client().pid
+    assert zyg is not None
+    time.sleep(0.2)  # let the pool refill, then kill every ready child, the leased one too
+    children = _zygote_children(zyg)
+    assert children
+    for pid in children:
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while not all(_gone(p) for p in children) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    res = sandspawn.run(["sh", "-c", "echo ok"], cwd="/", capture_output=True, **opts)
+    assert (res.returncode, res.stdout) == (0, b"ok\n")
+    assert zygote.client().pid == zyg  # the same zygote: nothing had to be restarted
+
+
+def test_a_failed_ready_child_reports_its_step_to_the_caller(opts: dict[str, Any]) -> None:
+    """Children prepared after a path of the policy vanished fail their set-up; the caller whose
+    request reaches one (leased or through the zygote) gets that step and its errno."""
+    top = tempfile.mkdtemp(prefix="sandspawn-lease-")
+    data = os.path.join(top, "data")
+    os.mkdir(data)
+    os.chmod(top, 0o755)
+    pol = sandspawn.process.resolve_policy("strict").with_paths([PathRule(data, "ro")])
+    try:
+        assert sandspawn.run(["true"], pol, cwd="/", **opts).returncode == 0
+        _wait_for_lease(_key(opts, pol))
+        time.sleep(0.2)  # the pool is full of children prepared while the path existed
+        os.rmdir(data)  # the plan is cached: only the children's set-up can notice
+        errors: list[SpawnError] = []
+        for _ in range(8):
+            try:
+                sandspawn.run(["true"], pol, cwd="/", **opts)
+            except SpawnError as exc:
+                errors.append(exc)
+        assert errors, "no child was prepared after the path vanished"
+        assert all(e.step != "zygote" and e.errno == errno.ENOENT for e in errors), errors
+        os.mkdir(data)
+        results = []
+        for _ in range(8):  # the failed children are used up, one request each
+            try:
+                results.append(sandspawn.run(["true"], pol, cwd="/", **opts).returncode)
+            except SpawnError:
+                results.append(None)
+        assert results[-1] == 0
+    finally:
+        if not os.path.isdir(data):
+            os.mkdir(data)
+        os.rmdir(data)
+        os.rmdir(top)
+
+
+def test_recv_fds_honours_its_flags() -> None:
+    """Python 3.11's socket.recv_fds drops its flags: ours must not block on MSG_DONTWAIT, and
+    must make the received descriptors close-on-exec with MSG_CMSG_CLOEXEC."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    r, w = os.pipe()
+    try:
+        with pytest.raises(BlockingIOError):
+            recv_fds(b, 100, 1, socket.MSG_DONTWAIT)
+        os.set_inheritable(r, True)
+        socket.send_fds(a, [b"x"], [r])
+        data, fds = recv_fds(b, 100, 1, socket.MSG_CMSG_CLOEXEC)
+        assert data == b"x" and len(fds) == 1
+        assert not os.get_inheritable(fds[0])
+        os.close(fds[0])
+        # More fds than there is room for (CMSG_SPACE rounds one up to two): cut short, refused.
+        socket.send_fds(a, [b"y"], [r, w, r])
+        with pytest.raises(OSError) as exc:
+            recv_fds(b, 100, 1)
+        assert exc.value.errno == 90  # EMSGSIZE
+        a.close()
+        assert recv_fds(b, 100, 1) == (b"", [])  # EOF
+    finally:
+        for fd in (r, w):
+            os.close(fd)
+        a.close()
+        b.close()
