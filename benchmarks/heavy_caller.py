@@ -6,6 +6,11 @@ The zygote forks sandboxes, so the caller's heap and threads should not matter; 
 heavy blocks alternate, so both conditions share the machine's drift.
 
     python3 benchmarks/heavy_caller.py [--blocks 6] [--per-block 30] [--threads 8] [--heap-gib 1]
+                                       [--engine native] [--gil]
+
+By default the busy threads hash with the GIL released (8 CPU hogs on the machine's cores);
+with --gil they run pure Python loops instead (they share one core through the GIL, and every
+blocking call of the spawning thread waits for the GIL to come back).
 """
 
 from __future__ import annotations
@@ -39,14 +44,17 @@ def main() -> int:
     ap.add_argument("--per-block", type=int, default=30)
     ap.add_argument("--threads", type=int, default=8)
     ap.add_argument("--heap-gib", type=float, default=1.0)
+    ap.add_argument("--engine", default="native", choices=["native", "landlock"])
+    ap.add_argument("--gil", action="store_true", help="busy threads hold the GIL")
     args = ap.parse_args()
 
     cases: dict[str, Callable[[], int]] = {
         "plain subprocess.run": lambda: subprocess.run(
             [TRUE], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL).returncode,
-        "sandspawn strict (native)": lambda: sandspawn.run(
-            [TRUE], "strict", cwd="/", stdin=sandspawn.DEVNULL,
-            stdout=sandspawn.DEVNULL).returncode,
+        f"sandspawn strict ({args.engine})": lambda: sandspawn.run(
+            [TRUE], "strict", cwd="/", stdin=sandspawn.DEVNULL, stdout=sandspawn.DEVNULL,
+            engine=args.engine,
+            allow_weaker={"processes"} if args.engine == "landlock" else ()).returncode,
     }
     for fn in cases.values():
         fn()  # start the zygote before the heap exists
@@ -64,7 +72,13 @@ def main() -> int:
                 while not stop.is_set():
                     hashlib.sha256(block).digest()
 
-            threads = [threading.Thread(target=busy, daemon=True)
+            def busy_gil(stop: threading.Event = stop) -> None:
+                n = 0
+                while not stop.is_set():
+                    for i in range(1000):
+                        n += i
+
+            threads = [threading.Thread(target=busy_gil if args.gil else busy, daemon=True)
                        for _ in range(args.threads if cond == "heavy" else 0)]
             for t in threads:
                 t.start()
@@ -74,7 +88,8 @@ def main() -> int:
             for t in threads:
                 t.join()
     print(f"{args.blocks} alternating blocks of {args.per_block} spawns; heavy = "
-          f"{args.threads} busy threads + {args.heap_gib:g} GiB heap in the caller")
+          f"{args.threads} busy threads ({'holding' if args.gil else 'releasing'} the GIL) + "
+          f"{args.heap_gib:g} GiB heap in the caller")
     print("| case | idle p50 µs | heavy p50 µs | heavy / idle |")
     print("|---|---|---|---|")
     for name in cases:

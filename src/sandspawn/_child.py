@@ -45,6 +45,7 @@ from .confine import _libc, caps, landlock, rlimits, seccomp
 _RESET_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD, signal.SIGINT, signal.SIGTERM,
                   signal.SIGHUP)
 MAX_REQUEST = 1 << 20
+MAX_DETAIL = 16384  # of an error message's text
 MAX_FDS = 253  # SCM_MAX_FD (include/net/scm.h)
 _CLOSE_RANGE_CLOEXEC = 1 << 2  # include/uapi/linux/close_range.h, Linux 5.11
 _FD_LAST = 0xFFFFFFFF
@@ -377,8 +378,9 @@ def _send_error(sock_fd: int, exc: BaseException) -> None:
         msg = [getattr(exc, "step", "internal"), exc.errno or 0, str(exc)]
     else:  # any bug must still be reported, never run the payload
         msg = ["internal", 0, f"{type(exc).__name__}: {exc}"]
+    msg[2] = str(msg[2])[:MAX_DETAIL]
     try:
-        os.write(sock_fd, json.dumps({"error": msg}).encode()[:MAX_REQUEST])
+        os.write(sock_fd, json.dumps({"error": msg}).encode())
     except OSError:
         pass
 

@@ -170,6 +170,13 @@ def plan_key(spec: dict[str, Any]) -> str:
     return json.dumps({k: spec.get(k) for k in PLAN_KEYS}, sort_keys=True)
 
 
+def lease_id(key: str) -> str:
+    """A short name for a plan key, in lease messages (the key itself may be kilobytes)."""
+    import hashlib
+
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
 def _waitpid_quiet(pid: int) -> None:
     try:
         os.waitpid(pid, 0)
@@ -261,7 +268,7 @@ class Zygote:
             elif op == "probe":
                 self._reply_probe(fds)
             elif op == "return":
-                self._return_lease(str(req.get("key")))
+                self._return_lease(str(req.get("lease")))
                 for fd in fds:
                     os.close(fd)
             else:
@@ -366,7 +373,7 @@ class Zygote:
                 continue
             box = ready[0]
             try:
-                socket.send_fds(self.control, [json.dumps({"lease": key}).encode()],
+                socket.send_fds(self.control, [json.dumps({"lease": lease_id(key)}).encode()],
                                 [box.sock.fileno()], socket.MSG_DONTWAIT)
             except OSError:
                 return  # the caller is not reading (or is gone): it spawns through us
@@ -379,8 +386,9 @@ class Zygote:
             if key not in self.wanted:  # refill the pool: not while a short payload runs
                 self.wanted[key] = (time.monotonic() + PREFORK_DELAY, box.spec)
 
-    def _return_lease(self, key: str) -> None:
-        box = self.leased.pop(key, None)
+    def _return_lease(self, lease: str) -> None:
+        key = next((k for k in self.leased if lease_id(k) == lease), None)
+        box = self.leased.pop(key, None) if key is not None else None
         if box is not None and box.status is None and not box.told:
             self._unregister(box.sock)
             box.kill()  # unused: the caller closed its copy and will not send to it

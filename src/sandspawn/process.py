@@ -18,7 +18,8 @@ import types
 from collections.abc import Iterable, Mapping, Sequence
 from typing import IO, Any
 
-from ._zygote import plan_key
+from . import _heldgil
+from ._zygote import lease_id, plan_key
 from .engines import zygote
 from .errors import SpawnError, spawn_error
 from .plan import NOBODY, Plan, Report, make_plan
@@ -28,6 +29,11 @@ from .probe import HostProbe
 PIPE = subprocess.PIPE
 DEVNULL = subprocess.DEVNULL
 STDOUT = subprocess.STDOUT
+# How long the spawning thread waits for "started" (and wait() for the exit) keeping the GIL:
+# a sandbox usually starts within a millisecond, and a GIL given up here comes back only after
+# the caller's other busy threads each had their switch interval (see _heldgil).
+START_HOLD = 0.010
+EXIT_HOLD = 0.002
 
 _probe_cache: HostProbe | None = None
 
@@ -142,7 +148,7 @@ class Popen:
                 os.fstat(fd)  # EBADF now, not in the child
                 fd_map.append((len(send), fd))
                 send.append(fd)
-            status = zygote.client().spawn(prepared.key, prepared.spec,
+            status = zygote.client().spawn(prepared.key, prepared.lease, prepared.spec,
                                            _request(self.args, executable, cwd, fd_map), send)
         except BaseException:
             for _, fd in parent_ends:
@@ -150,10 +156,11 @@ class Popen:
             raise
         finally:
             for fd in to_close:
-                os.close(fd)
+                _heldgil.close(fd)
         self._status = status
         try:
-            msg, fds = zygote.read_message(status)
+            msg, fds = (zygote.read_message_soon(status, START_HOLD)
+                        or zygote.read_message(status))
         except BaseException:  # interrupted while starting: nothing may run unobserved
             try:
                 status.send(b'{"kill": true}')
@@ -187,7 +194,7 @@ class Popen:
                 self.pid = _pidfd_pid(self.pidfd)
         finally:
             for fd in fds[1:]:
-                os.close(fd)  # the ack socket: closing it is the ack
+                _heldgil.close(fd)  # the ack socket: closing it is the ack
         for name, fd in parent_ends:
             setattr(self, name, self._wrap(fd, name == "stdin"))
 
@@ -197,14 +204,12 @@ class Popen:
             # Our own copy of the inherited descriptor, taken now: if the caller's fd `target`
             # is closed, a socket we open later (the status socket) could take its number and
             # reach the payload as its stdio. A closed one becomes /dev/null.
-            import fcntl
-
             try:
-                fd = fcntl.fcntl(target, fcntl.F_DUPFD_CLOEXEC, 0)
+                fd = _heldgil.dup_cloexec(target)
             except OSError as exc:
                 if exc.errno != errno.EBADF:
                     raise
-                fd = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+                fd = _heldgil.open_devnull()
             to_close.append(fd)
             return fd
         if spec == PIPE:
@@ -214,7 +219,7 @@ class Popen:
             to_close.append(theirs)
             return theirs
         if spec == DEVNULL:
-            fd = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+            fd = _heldgil.open_devnull()
             to_close.append(fd)
             return fd
         if spec == STDOUT:
@@ -251,10 +256,10 @@ class Popen:
 
     def _close_status(self) -> None:
         if self._status is not None:
-            self._status.close()
+            _heldgil.close_socket(self._status)
             self._status = None
         if self.pidfd is not None:
-            os.close(self.pidfd)
+            _heldgil.close(self.pidfd)
             self.pidfd = None
 
     def poll(self) -> int | None:
@@ -280,10 +285,18 @@ class Popen:
                 if self.returncode is None and self._status is not None:
                     remaining = (None if deadline is None
                                  else max(0.0, deadline - time.monotonic()))
-                    try:
-                        msg, _ = zygote.read_message(self._status, timeout=remaining)
-                    except TimeoutError:
-                        raise subprocess.TimeoutExpired(self.args, timeout or 0) from None
+                    soon = zygote.read_message_soon(
+                        self._status, EXIT_HOLD if remaining is None
+                        else min(EXIT_HOLD, remaining))
+                    if soon is not None:
+                        msg, fds = soon
+                    else:
+                        try:
+                            msg, fds = zygote.read_message(self._status, timeout=remaining)
+                        except TimeoutError:
+                            raise subprocess.TimeoutExpired(self.args, timeout or 0) from None
+                    for fd in fds:
+                        _heldgil.close(fd)
                     self._on_exit(msg)
             finally:
                 self._waitlock.release()
@@ -332,15 +345,18 @@ class Popen:
                     pass  # the payload stopped reading: like subprocess, not an error
                 if not data:
                     self._close_stdin()
-        sel = selectors.DefaultSelector()
+        sel: selectors.BaseSelector | None = None
+        if any(s is not None and not s.closed for s in (self.stdin, self.stdout, self.stderr)):
+            sel = selectors.DefaultSelector()  # else no epoll instance to make and close
         try:
-            if self.stdin is not None and not self.stdin.closed and self._comm_input:
+            if sel is not None and self.stdin is not None and not self.stdin.closed \
+                    and self._comm_input:
                 sel.register(self.stdin.fileno(), selectors.EVENT_WRITE, "in")
             for name in ("stdout", "stderr"):
                 stream = getattr(self, name)
-                if stream is not None and not stream.closed:
+                if sel is not None and stream is not None and not stream.closed:
                     sel.register(stream.fileno(), selectors.EVENT_READ, name)
-            while sel.get_map():
+            while sel is not None and sel.get_map():
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise subprocess.TimeoutExpired(self.args, timeout or 0,
@@ -357,7 +373,8 @@ class Popen:
                         sel.unregister(key.fd)
                         getattr(self, key.data).close()
         finally:
-            sel.close()
+            if sel is not None:
+                sel.close()
         outs: list[Any] = []
         for name in ("stdout", "stderr"):
             raw = self._collected(name)
@@ -453,10 +470,9 @@ def run(
 def _pidfd_pid(pidfd: int) -> int:
     """The pid a pidfd refers to, in our pid namespace (fs/pidfs.c pidfd_show_fdinfo, "Pid:";
     -1 once reaped)."""
-    with open(f"/proc/self/fdinfo/{pidfd}") as f:
-        for line in f:
-            if line.startswith("Pid:"):
-                return int(line.split()[1])
+    for line in _heldgil.read_small_file(f"/proc/self/fdinfo/{pidfd}").decode().splitlines():
+        if line.startswith("Pid:"):
+            return int(line.split()[1])
     return -1
 
 
@@ -486,13 +502,14 @@ def _which(program: str, env: Mapping[str, str]) -> str:
 class _Prepared:
     """A plan and what the zygote needs of it, computed once per policy and caller context."""
 
-    __slots__ = ("plan", "spec", "key")
+    __slots__ = ("plan", "spec", "key", "lease")
 
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
         self.spec = _plan_spec(plan)
         # The zygote keeps one pre-forked child per key: what the child is restricted for.
         self.key = plan_key(self.spec)
+        self.lease = lease_id(self.key)
 
 
 _prepared: dict[tuple[Any, ...], _Prepared] = {}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import shutil
 import socket
 import subprocess
@@ -13,6 +12,7 @@ import tempfile
 import threading
 from typing import Any
 
+from .. import _heldgil
 from .._fdpass import recv_fds
 from ..errors import SpawnError
 
@@ -25,6 +25,8 @@ _BOOT = (
 MAX_MSG = 1 << 20
 # Policies we keep a leased child for (the zygote keeps as many with pre-forked children).
 MAX_LEASES = 4
+LEASE_MSG = 4096  # {"lease": id}
+STATUS_MSG = 65536  # started, exit, or an error whose detail the child caps (_child.MAX_DETAIL)
 
 
 class ZygoteClient:
@@ -37,8 +39,9 @@ class ZygoteClient:
         self._owner_pid = 0
         self._base: str | None = None
         self._pidfd = -1
-        # key → our copy of the zygote's socket to a ready child for that policy (a lease): a
-        # request sent there skips the zygote. Least recently used first.
+        # lease id (_zygote.lease_id of the plan key) → our copy of the zygote's socket to a
+        # ready child for that policy (a lease): a request sent there skips the zygote. Least
+        # recently used first.
         self._leases: dict[str, socket.socket] = {}
 
     def _start(self) -> socket.socket:
@@ -75,72 +78,72 @@ class ZygoteClient:
 
     def _drop_leases(self) -> None:
         for lease in self._leases.values():
-            lease.close()
+            _heldgil.close_socket(lease)
         self._leases.clear()
 
     def _collect_leases(self, sock: socket.socket) -> None:
         """Take the leases the zygote sent since we last looked (never blocks)."""
         while True:
             try:
-                data, fds = recv_fds(sock, MAX_MSG, 1, socket.MSG_DONTWAIT)
-            except (BlockingIOError, InterruptedError):
+                data, fds = _heldgil.recv_fds(sock.fileno(), LEASE_MSG, 1)
+            except BlockingIOError:
                 return
             except OSError:
                 data, fds = b"", []
             if not data:  # EOF: the zygote died; _control() finds out and restarts it
                 for fd in fds:
-                    os.close(fd)
+                    _heldgil.close(fd)
                 return
-            key = json.loads(data).get("lease")
+            lease_id = str(json.loads(data).get("lease"))
             if not fds:
                 continue
-            lease = socket.socket(fileno=fds[0])
+            lease = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fileno=fds[0])
             for fd in fds[1:]:
-                os.close(fd)
-            old = self._leases.pop(str(key), None)
+                _heldgil.close(fd)
+            old = self._leases.pop(lease_id, None)
             if old is not None:
-                old.close()
-            self._leases[str(key)] = lease
+                _heldgil.close_socket(old)
+            self._leases[lease_id] = lease
             while len(self._leases) > MAX_LEASES:
                 oldest = next(iter(self._leases))
-                self._leases.pop(oldest).close()
-                self._send_control(sock, {"op": "return", "key": oldest}, [])
+                _heldgil.close_socket(self._leases.pop(oldest))
+                self._send_control(sock, {"op": "return", "lease": oldest}, [])
 
-    def _take_lease(self, key: str) -> socket.socket | None:
+    def _take_lease(self, lease_id: str) -> socket.socket | None:
         with self._lock:
             self._collect_leases(self._control())
-            return self._leases.pop(key, None)
+            return self._leases.pop(lease_id, None)
 
-    def spawn(self, key: str, spec: dict[str, Any], request: dict[str, Any], fds: list[int]
-              ) -> socket.socket:
+    def spawn(self, key: str, lease_id: str, spec: dict[str, Any], request: dict[str, Any],
+              fds: list[int]) -> socket.socket:
         """Start a sandbox: the request goes straight to a leased child of this policy when we
         have one, else through the zygote (which then leases us the next). Returns our end of
-        the status socket."""
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        the status socket. The leased way keeps the GIL (see _heldgil)."""
+        ours, theirs = _heldgil.seqpacket_pair()
         try:
             data = json.dumps({**request, "env": spec["env"], "timeout": spec.get("timeout"),
                                "leased": True}).encode()
-            while (lease := self._take_lease(key)) is not None:
+            while (lease := self._take_lease(lease_id)) is not None:
                 try:
-                    socket.send_fds(lease, [data], [theirs.fileno(), *fds], socket.MSG_NOSIGNAL)
+                    _heldgil.send_fds(lease.fileno(), data, [theirs.fileno(), *fds])
                     return ours
-                except (BrokenPipeError, ConnectionResetError, ConnectionRefusedError):
-                    continue  # that child died unused: the next lease, or the zygote
+                except (BrokenPipeError, ConnectionResetError, ConnectionRefusedError,
+                        BlockingIOError):
+                    continue  # that child died unused (or is not listening): the next lease,
+                    # or the zygote
                 finally:
-                    lease.close()
+                    _heldgil.close_socket(lease)
             self._request({"op": "spawn", "key": key, "spec": {**spec, **request},
                            "lease": True}, theirs, fds)
         except BaseException:
-            ours.close()
+            _heldgil.close_socket(ours)
             raise
         finally:
-            theirs.close()
+            _heldgil.close_socket(theirs)
         return ours
 
     def _exited(self) -> bool:
-        poller = select.poll()
-        poller.register(self._pidfd, select.POLLIN)  # a pidfd is readable once it exited
-        return bool(poller.poll(0))
+        return _heldgil.poll_in(self._pidfd, 0)  # a pidfd is readable once it exited
 
     def _forget(self) -> None:
         """The zygote died: its sandboxes died with it; remove what it left behind."""
@@ -192,6 +195,23 @@ class ZygoteClient:
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
+
+
+def read_message_soon(sock: socket.socket, hold: float
+                      ) -> tuple[dict[str, Any] | None, list[int]] | None:
+    """read_message if a message (or EOF) comes within `hold` seconds, keeping the GIL all the
+    while; None if none came (then read_message waits as usual)."""
+    if not _heldgil.poll_in(sock.fileno(), hold):
+        return None
+    try:
+        data, fds = _heldgil.recv_fds(sock.fileno(), STATUS_MSG, 4)
+    except BlockingIOError:
+        return None
+    if not data:
+        for fd in fds:
+            _heldgil.close(fd)
+        return None, []
+    return json.loads(data), fds
 
 
 def read_message(sock: socket.socket, timeout: float | None = None
