@@ -172,8 +172,11 @@ def _lock_down(spec: dict[str, Any], bpf: bytes | None) -> None:
     _step("drop capabilities", caps.clear_all_sets)
     _step("no_new_privs", _libc.set_no_new_privs)
     _step("non-dumpable", _libc.prctl, _libc.PR_SET_DUMPABLE, 0)
-    if spec.get("landlock") is not None:
-        _step("landlock", landlock.apply, landlock.RulesetSpec.from_json(spec["landlock"]))
+    ruleset = spec.get("landlock_ruleset")  # parsed by the zygote, with our private /tmp
+    if ruleset is None and spec.get("landlock") is not None:
+        ruleset = landlock.RulesetSpec.from_json(spec["landlock"])
+    if ruleset is not None:
+        _step("landlock", landlock.apply, ruleset)
     if bpf is not None:
         _step("seccomp", seccomp.load_bpf, bpf)
 

@@ -38,6 +38,7 @@ exits.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import gc
 import json
@@ -70,6 +71,7 @@ CGROUP_GIVE_UP = 30.0
 # After an exit, the caller's next steps (reading the output, the next spawn, which finds the
 # policy's second ready child) come first; the fork that refills the pool waits this long.
 REFILL_DELAY = 0.002
+PREPARED_MAX = 32  # policies whose seccomp BPF and Landlock ruleset we keep
 # What a pre-forked child is specialised for; everything else comes with the exec request.
 PLAN_KEYS = ("engine", "landlock", "seccomp", "uid", "gid", "rlimits", "private_tmpdir",
               "tmp_access", "namespaces", "mounts", "hostname", "loopback", "inside_uid",
@@ -194,7 +196,8 @@ class Zygote:
         self.wanted: dict[str, tuple[float, dict[str, Any]]] = {}  # key → (when, spec)
         self.lease_keys: dict[str, None] = {}  # policies the caller takes leases for (MRU last)
         self.leased: dict[str, _Box] = {}  # the caller's unused lease per policy
-        self.bpf_cache: dict[str, bytes] = {}
+        # plan key → its seccomp BPF and parsed Landlock ruleset, made once per policy
+        self.prepared: dict[str, tuple[bytes | None, Any]] = {}
         self.probe_json: dict[str, Any] | None = None
         self.cgroups: Any = None  # confine.cgroups.CgroupSupport, detected at first need
         self.cg_dying: dict[str, float] = {}  # sandbox cgroups to remove → when to give up
@@ -309,17 +312,21 @@ class Zygote:
 
     # --- spawning ---------------------------------------------------------------------------
 
-    def _bpf(self, policy_json: dict[str, Any] | None) -> bytes | None:
-        if policy_json is None:
-            return None
-        key = json.dumps(policy_json, sort_keys=True)
-        bpf = self.bpf_cache.get(key)
-        if bpf is None:
-            from .confine import seccomp
+    def _prepared(self, key: str, spec: dict[str, Any]) -> tuple[bytes | None, Any]:
+        """The policy's seccomp filter (BPF bytes) and its Landlock ruleset
+        (landlock.RulesetSpec), made once per policy rather than in each child."""
+        found = self.prepared.get(key)
+        if found is None:
+            from .confine import landlock, seccomp
 
-            bpf = seccomp.compile_bpf(seccomp.SyscallPolicy.from_json(policy_json))
-            self.bpf_cache[key] = bpf
-        return bpf
+            bpf = (seccomp.compile_bpf(seccomp.SyscallPolicy.from_json(spec["seccomp"]))
+                   if spec.get("seccomp") is not None else None)
+            ruleset = (landlock.RulesetSpec.from_json(spec["landlock"])
+                       if spec.get("landlock") is not None else None)
+            found = self.prepared[key] = (bpf, ruleset)
+            while len(self.prepared) > PREPARED_MAX:
+                del self.prepared[next(iter(self.prepared))]
+        return found
 
     def _spawn(self, req: dict[str, Any], fds: list[int]) -> None:
         status = socket.socket(fileno=fds[0])
@@ -331,7 +338,7 @@ class Zygote:
             self.warm[key] = ready
         try:
             if box is None:
-                box = self._fork_warm(spec)
+                box = self._fork_warm(spec, key)
         except Exception as exc:
             step = "cgroup" if isinstance(exc, _CgroupFailed) else "prepare"
             self._send(status, {"error": [step, getattr(exc, "errno", 0) or 0,
@@ -423,7 +430,7 @@ class Zygote:
                 del self.wanted[k]
                 continue
             try:
-                ready.append(self._fork_warm(spec))
+                ready.append(self._fork_warm(spec, k))
             except Exception:
                 del self.wanted[k]  # the next spawn forks in line and reports the failure
                 if not ready:
@@ -531,8 +538,8 @@ class Zygote:
             self._remove_cgroup(path)
         self.cg_retry = time.monotonic() + CGROUP_RETRY
 
-    def _fork_warm(self, spec: dict[str, Any]) -> _Box:
-        bpf = self._bpf(spec.get("seccomp"))
+    def _fork_warm(self, spec: dict[str, Any], key: str) -> _Box:
+        bpf, ruleset = self._prepared(key, spec)
         tmpdir = None
         cgroup = None
         child_spec = spec
@@ -541,11 +548,16 @@ class Zygote:
                 tmpdir = tempfile.mkdtemp(prefix="tmp-", dir=self.base)
                 if spec.get("uid") is not None:
                     os.chown(tmpdir, spec["uid"], spec["gid"])
-                if spec.get("landlock") is not None and spec.get("engine") == "landlock":
-                    ll = dict(spec["landlock"])
-                    ll["path_rules"] = [*ll["path_rules"], [tmpdir, int(spec["tmp_access"])]]
-                    child_spec = {**spec, "landlock": ll}
+                if ruleset is not None and spec.get("engine") == "landlock":
+                    from .confine import landlock
+
+                    rule = landlock.PathRule(tmpdir, landlock.AccessFs(int(spec["tmp_access"])))
+                    ruleset = dataclasses.replace(ruleset,
+                                                  path_rules=(*ruleset.path_rules, rule))
                 child_spec = {**child_spec, "tmpdir": tmpdir}
+            # The child applies this one (parsed here once); spec["landlock"] stays as the
+            # plan gave it (the bwrap engine's shim reads that).
+            child_spec = {**child_spec, "landlock_ruleset": ruleset}
             engine = spec.get("engine")
             main = _MAINS.get(str(engine))
             if main is None:  # never run a payload under an engine we do not know
