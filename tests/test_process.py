@@ -162,14 +162,20 @@ def test_zygote_killed_next_spawn_recovers(opts: dict[str, Any]) -> None:
 
 
 CALLER = """
-import sys, sandspawn
+import os, sys, time, sandspawn
 opts = {"engine": sys.argv[1]}
 if sys.argv[1] == "landlock":
     opts["allow_weaker"] = {"processes"}
 proc = sandspawn.Popen(["sh", "-c", "sleep 60 & sleep 60 & echo started; wait"],
                        cwd="/", stdout=sandspawn.PIPE, **opts)
 assert proc.stdout.readline() == b"started\\n"
-print(proc.pid, sandspawn.engines.zygote.client().pid, flush=True)
+forked = 0
+if len(sys.argv) > 2:  # a forked copy of the caller that outlives it
+    forked = os.fork()
+    if forked == 0:
+        time.sleep(60)
+        os._exit(0)
+print(proc.pid, sandspawn.engines.zygote.client().pid, forked, flush=True)
 sys.stdin.read()  # until killed
 """
 
@@ -182,15 +188,27 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.parametrize("forked", [False, True], ids=["alone", "with-forked-copy"])
 @pytest.mark.parametrize("engine", ["native", "landlock"])
-def test_caller_sigkill_kills_every_sandbox(engine: str) -> None:
+def test_caller_sigkill_kills_every_sandbox(engine: str, forked: bool) -> None:
+    """Also when the caller forked a copy of itself that lives on: the copy lets go of the
+    parent's zygote at the fork (its control socket would keep the zygote alive)."""
     import sys
 
     caller = subprocess.Popen([sys.executable, "-c", "import sandspawn.engines.zygote\n" + CALLER,
-                               engine], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                              cwd="/")
+                               engine, *(["fork"] if forked else [])], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, cwd="/")
     assert caller.stdout is not None
-    payload, zyg = (int(x) for x in caller.stdout.readline().split())
+    payload, zyg, copy = (int(x) for x in caller.stdout.readline().split())
+    try:
+        _check_sandbox_dies_with(caller, payload, zyg)
+        assert not copy or _alive(copy)  # the forked copy is still there
+    finally:
+        if copy:
+            os.kill(copy, signal.SIGKILL)
+
+
+def _check_sandbox_dies_with(caller: subprocess.Popen[str], payload: int, zyg: int) -> None:
     pgid = _pgid(payload)
     group = [int(p) for p in os.listdir("/proc") if p.isdigit() and _pgid(int(p)) == pgid]
     assert payload in group and len(group) >= 3  # sh and its sleepers, with their parent

@@ -192,6 +192,24 @@ class ZygoteClient:
         except OSError:
             pass  # the zygote is gone: the next request finds out
 
+    def _after_fork_in_child(self) -> None:
+        """In a forked copy of the caller: let go of the parent's zygote. Our copy of its
+        control socket would keep it (and every sandbox the parent started) alive after the
+        parent died; its leases are the parent's to use. The copy starts its own zygote if it
+        spawns."""
+        self._lock = threading.Lock()  # another thread may have held it at the fork
+        for lease in self._leases.values():
+            _heldgil.close_socket(lease)
+        self._leases.clear()
+        if self._sock is not None:
+            _heldgil.close_socket(self._sock)
+            self._sock = None
+        if self._pidfd >= 0:
+            _heldgil.close(self._pidfd)
+            self._pidfd = -1
+        self._proc = None
+        self._base = None  # the parent's zygote removes it
+
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
@@ -239,6 +257,16 @@ def client() -> ZygoteClient:
         if _client is None:
             _client = ZygoteClient()
         return _client
+
+
+def _after_fork_in_child() -> None:
+    global _client_lock
+    _client_lock = threading.Lock()
+    if _client is not None:
+        _client._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def remote_probe() -> dict[str, Any]:
