@@ -523,3 +523,59 @@ def test_cpu_max_throttles() -> None:
         _run_in(cg, "import time\nend = time.time() + 1\nwhile time.time() < end: pass")
         usage = cg.cpu_usage_usec()
         assert usage is not None and usage < 400_000
+
+
+FORK_INTO = """
+import json, os, sys
+from sandspawn.confine import clone
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+r, w = os.pipe()
+pid = clone.fork_into_cgroup(fd)
+if pid == 0:
+    with open("/proc/self/cgroup") as f:
+        os.write(w, f.read().encode())
+    os._exit(7)
+os.close(w)
+child = os.read(r, 4096).decode()
+_, status = os.waitpid(pid, 0)
+with open("/proc/self/cgroup") as f:
+    print(json.dumps([child, f.read(), os.waitstatus_to_exitcode(status)]))
+"""
+
+
+def test_fork_into_cgroup_is_born_there(cg: SandboxCgroup) -> None:
+    """The zygote's clone3(CLONE_INTO_CGROUP): the child starts in the cgroup (no migration),
+    its parent stays where it was, and the child runs Python normally after the fork."""
+    import json
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", FORK_INTO, cg.path], capture_output=True,
+                         text=True, check=True).stdout
+    child, parent, code = json.loads(out)
+
+    def v2(proc_cgroup: str) -> str:  # the "0::/path" line (cgroups(7))
+        return next(line[3:] for line in proc_cgroup.splitlines() if line.startswith("0::"))
+
+    name = os.path.basename(cg.path)
+    assert v2(child).endswith("/" + name)
+    assert not v2(parent).endswith("/" + name)
+    assert code == 7
+
+
+def test_fork_into_cgroup_refuses_a_threaded_process(cg: SandboxCgroup) -> None:
+    import threading
+
+    from sandspawn.confine import clone
+
+    stop = threading.Event()
+    helper = threading.Thread(target=stop.wait)
+    helper.start()
+    fd = cg.open_dir()
+    try:
+        with pytest.raises(OSError) as info:
+            clone.fork_into_cgroup(fd)
+        assert info.value.errno == errno.EDEADLK
+    finally:
+        os.close(fd)
+        stop.set()
+        helper.join()

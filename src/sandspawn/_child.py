@@ -152,7 +152,7 @@ def _join_cgroup(spec: dict[str, Any]) -> None:
     """Move this process into the sandbox's cgroup (writing "0" to cgroup.procs names the
     writer): everything the sandbox starts is in it. Fails closed: the plan said it holds."""
     path = spec.get("cgroup_dir")
-    if path is None:
+    if path is None or spec.get("cgroup_born"):  # cloned into it by the zygote
         return
     from .confine import cgroups
 

@@ -202,6 +202,7 @@ class Zygote:
         self.cgroups: Any = None  # confine.cgroups.CgroupSupport, detected at first need
         self.cg_dying: dict[str, float] = {}  # sandbox cgroups to remove → when to give up
         self.cg_retry = 0.0  # the next removal attempt
+        self.clone_into_cgroup = True  # until clone3(CLONE_INTO_CGROUP) is refused once
         self.pid = os.getpid()
         self.host_caps = _child.HostCaps()
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -568,7 +569,7 @@ class Zygote:
                 child_spec = {**child_spec, "cgroup_dir": cgroup,
                               "cgroup_relay": bool(spec["cgroup"].get("relay"))}
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            pid = os.fork()
+            pid, born = self._fork(cgroup)
         except BaseException:
             if tmpdir:
                 shutil.rmtree(tmpdir, ignore_errors=True)
@@ -576,13 +577,29 @@ class Zygote:
                 self._remove_cgroup(cgroup)
             raise
         if pid == 0:
-            main(theirs.fileno(), child_spec, bpf, self.pid, self.host_caps)
+            main(theirs.fileno(), {**child_spec, "cgroup_born": born}, bpf, self.pid,
+                 self.host_caps)
         theirs.close()
         box = _Box(pid, ours, tmpdir, native, cgroup)
         box.relay = bool(child_spec.get("cgroup_relay"))
         box.spec = spec
         self.boxes[pid] = box
         return box
+
+    def _fork(self, cgroup: str | None) -> tuple[int, bool]:
+        """os.fork(), or with a sandbox cgroup a fork straight into it (clone.fork_into_cgroup:
+        no migration, which costs an RCU grace period). Returns (pid, born in the cgroup)."""
+        if cgroup is not None and self.clone_into_cgroup:
+            from .confine import clone
+
+            fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                return clone.fork_into_cgroup(fd), True
+            except OSError:
+                self.clone_into_cgroup = False  # refused here: children join after the fork
+            finally:
+                os.close(fd)
+        return os.fork(), False
 
     # --- messages from children and callers -------------------------------------------------
 
