@@ -224,7 +224,10 @@ def test_a_leased_spawn_keeps_the_gil(opts: dict[str, Any]) -> None:
 
     ours()
     _wait_for_lease(_key(opts))
-    assert _run_while_a_thread_holds_the_gil(control) >= 0.2  # the set-up works
+    # The set-up works: plain subprocess waits for the GIL to come back. (On a loaded machine
+    # the hog may not be scheduled while subprocess is in a system call, and subprocess gets
+    # the GIL back at once: one attempt of three showing the wait is enough.)
+    assert any(_run_while_a_thread_holds_the_gil(control) >= 0.2 for _ in range(3))
     # Best of three: a sandbox that takes over 10 ms to start (a very busy machine) is waited
     # for with the GIL released, and the next attempt finds the next lease ready.
     best = min(_run_while_a_thread_holds_the_gil(ours) for _ in range(3))

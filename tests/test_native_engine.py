@@ -16,48 +16,10 @@ from collections.abc import Iterator
 import pytest
 
 import sandspawn
+from engine_probe import PROBE
 from forked import NOBODY
 
 PYTHON = "/usr/bin/python3"
-
-PROBE = r"""
-import errno, fcntl, json, os, socket, sys
-args = json.loads(sys.argv[1])
-out = {"tmp_before": os.listdir("/tmp")}
-def attempt(name, fn):
-    try:
-        fn()
-        out[name] = 0
-    except OSError as e:
-        out[name] = e.errno
-out["pids"] = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
-out["ifaces"] = sorted(name for _, name in socket.if_nameindex())
-def tcp():
-    s = socket.socket(); s.settimeout(2); s.connect(("127.0.0.1", args["tcp_port"]))
-attempt("host_tcp", tcp)
-def own_loopback():
-    srv = socket.create_server(("127.0.0.1", 0)); c = socket.create_connection(srv.getsockname())
-attempt("own_loopback", own_loopback)
-for path in ("/etc/passwd", "/home", "/root", "/var", args["outside"]):
-    out["exists:" + path] = os.path.exists(path)
-def write(p):
-    with open(p, "w") as f:
-        f.write("x")
-attempt("write_usr", lambda: write("/usr/pwned"))
-attempt("write_root", lambda: write("/pwned"))
-attempt("write_tmp", lambda: write("/tmp/ok"))
-attempt("tiocsti", lambda: fcntl.ioctl(0, 0x5412, b"x"))
-status = {l.split(":")[0]: l.split(":", 1)[1].strip() for l in open("/proc/self/status")}
-for key in ("CapEff", "CapPrm", "CapBnd", "CapAmb", "NoNewPrivs", "Seccomp"):
-    out[key] = status[key]
-out["uid"] = os.getuid()
-out["env"] = sorted(k for k in os.environ if k != "LC_CTYPE")  # Python's own PEP 538 coercion
-out["fds"] = sorted(int(f) for f in os.listdir("/proc/self/fd"))
-out["hostname"] = socket.gethostname()
-out["mounts_nosuid"] = all("nosuid" in line.split()[5]
-                           for line in open("/proc/self/mountinfo"))
-print(json.dumps(out))
-"""
 
 
 def prefix(as_nobody: bool) -> list[str]:
@@ -115,7 +77,13 @@ def test_strict_native_holds_every_line(listener: int, caller: str) -> None:
     assert out["env"] == ["LANG", "PATH"]
     assert out["fds"] == [0, 1, 2, 3]  # 3: the listdir above
     assert out["hostname"] == "sandbox"
-    assert out["mounts_nosuid"]
+    assert out["nosuid"]
+    # The shared probe's other attempts: a read-only /dev, /proc/sys out of reach, no nested
+    # user namespace (strict does not allow nesting), and nothing inheritable.
+    assert out["write_dev"] == 30  # EROFS
+    assert out["core_pattern"] in (13, 30)  # EACCES (not its owner) or EROFS: never opened
+    assert out["unshare_user"] == 1  # EPERM
+    assert out["CapInh"] == "0000000000000000"
 
 
 @pytest.mark.parametrize("caller", callers())

@@ -29,9 +29,10 @@ from .probe import HostProbe
 PIPE = subprocess.PIPE
 DEVNULL = subprocess.DEVNULL
 STDOUT = subprocess.STDOUT
-# How long the spawning thread waits for "started" (and wait() for the exit) keeping the GIL:
-# a sandbox usually starts within a millisecond, and a GIL given up here comes back only after
-# the caller's other busy threads each had their switch interval (see _heldgil).
+# How long the spawning thread waits for "started" from a leased child (and wait() for the exit)
+# keeping the GIL: such a sandbox usually starts within a millisecond, and a GIL given up here
+# comes back only after the caller's other busy threads each had their switch interval (see
+# _heldgil). A request that went through the zygote may wait for a fork: it waits as usual.
 START_HOLD = 0.010
 EXIT_HOLD = 0.002
 
@@ -148,8 +149,9 @@ class Popen:
                 os.fstat(fd)  # EBADF now, not in the child
                 fd_map.append((len(send), fd))
                 send.append(fd)
-            status = zygote.client().spawn(prepared.key, prepared.lease, prepared.spec,
-                                           _request(self.args, executable, cwd, fd_map), send)
+            status, leased = zygote.client().spawn(
+                prepared.key, prepared.lease, prepared.spec,
+                _request(self.args, executable, cwd, fd_map), send)
         except BaseException:
             for _, fd in parent_ends:
                 os.close(fd)
@@ -159,7 +161,7 @@ class Popen:
                 _heldgil.close(fd)
         self._status = status
         try:
-            msg, fds = (zygote.read_message_soon(status, START_HOLD)
+            msg, fds = (zygote.read_message_soon(status, START_HOLD if leased else 0)
                         or zygote.read_message(status))
         except BaseException:  # interrupted while starting: nothing may run unobserved
             try:

@@ -115,10 +115,12 @@ class ZygoteClient:
             return self._leases.pop(lease_id, None)
 
     def spawn(self, key: str, lease_id: str, spec: dict[str, Any], request: dict[str, Any],
-              fds: list[int]) -> socket.socket:
+              fds: list[int]) -> tuple[socket.socket, bool]:
         """Start a sandbox: the request goes straight to a leased child of this policy when we
         have one, else through the zygote (which then leases us the next). Returns our end of
-        the status socket. The leased way keeps the GIL (see _heldgil)."""
+        the status socket, and whether a leased child took the request (its "started" comes
+        within about a millisecond; through the zygote, a child may have to be forked first).
+        The leased way keeps the GIL (see _heldgil)."""
         ours, theirs = _heldgil.seqpacket_pair()
         try:
             data = json.dumps({**request, "env": spec["env"], "timeout": spec.get("timeout"),
@@ -126,7 +128,7 @@ class ZygoteClient:
             while (lease := self._take_lease(lease_id)) is not None:
                 try:
                     _heldgil.send_fds(lease.fileno(), data, [theirs.fileno(), *fds])
-                    return ours
+                    return ours, True
                 except (BrokenPipeError, ConnectionResetError, ConnectionRefusedError,
                         BlockingIOError):
                     continue  # that child died unused (or is not listening): the next lease,
@@ -140,7 +142,7 @@ class ZygoteClient:
             raise
         finally:
             _heldgil.close_socket(theirs)
-        return ours
+        return ours, False
 
     def _exited(self) -> bool:
         return _heldgil.poll_in(self._pidfd, 0)  # a pidfd is readable once it exited
