@@ -32,10 +32,10 @@ def _wait_for_lease(lease: str, timeout: float = 5.0) -> None:
     client = zygote.client()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        sock = client._take_lease(lease)
-        if sock is not None:
+        taken = client._take_lease(lease)
+        if taken is not None:
             with client._lock:  # put it back for the next spawn
-                client._leases[lease] = sock
+                client._leases[lease] = taken
             return
         time.sleep(0.01)
     raise AssertionError("the zygote leased no child for this policy")

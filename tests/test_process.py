@@ -389,3 +389,14 @@ def test_closed_fd_as_stdio_is_an_error(opts: dict[str, Any]) -> None:
     with pytest.raises(OSError) as info:
         sandspawn.Popen(["true"], stdout=w, cwd="/", **opts)
     assert info.value.errno == errno.EBADF
+
+
+def test_a_long_argument_list_reaches_the_payload(opts: dict[str, Any]) -> None:
+    """argv + environment may be up to 2 MiB for execve, far more than one socket message can
+    carry (a request that large goes in a memfd): the first spawn goes through the zygote, the
+    next one to a leased child."""
+    args = ["x" * 100_000] * 8
+    for _ in range(2):
+        res = sandspawn.run(["sh", "-c", 'echo $# ${#1}', "sh", *args], cwd="/",
+                            capture_output=True, env={"BIG": "y" * 100_000}, **opts)
+        assert (res.returncode, res.stdout) == (0, b"8 100000\n"), res.stderr

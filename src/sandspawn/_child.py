@@ -38,7 +38,7 @@ import socket
 import sys
 from typing import Any, NoReturn
 
-from ._fdpass import recv_fds
+from ._fdpass import recv_fds, unpack
 from .confine import _libc, caps, landlock, rlimits, seccomp
 
 # Dispositions Python changes at start-up (SIGPIPE, SIGXFSZ ignored) or the zygote sets (SIGCHLD).
@@ -195,6 +195,8 @@ def specialize(spec: dict[str, Any], bpf: bytes | None, parent: int, host: HostC
 def _recv_request(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
     """The exec request and its fds (close-on-exec here); (None, []) when the zygote retires us."""
     data, fds = recv_fds(sock, MAX_REQUEST, MAX_FDS, socket.MSG_CMSG_CLOEXEC)
+    if data:
+        data, fds = unpack(data, fds)  # a large request comes in a memfd
     if not data:
         for fd in fds:
             os.close(fd)

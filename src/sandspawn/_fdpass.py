@@ -29,3 +29,43 @@ def recv_fds(sock: socket.socket, bufsize: int, maxfds: int, flags: int = 0
             os.close(fd)
         raise OSError(errno.EMSGSIZE, "message or its file descriptors truncated")
     return data, list(fds)
+
+
+# A message above this size travels in a memfd: a SOCK_SEQPACKET message must fit the sending
+# socket's buffer (net.core.wmem_default, 208 KiB here), while argv and environment together
+# may be up to a quarter of the stack limit (fs/exec.c: 2 MiB with the default 8 MiB).
+INLINE_MAX = 32768
+_IN_MEMFD = b'{"memfd": true}'
+
+
+def pack(data: bytes, fds: list[int]) -> tuple[bytes, list[int], int | None]:
+    """(what to send, its fds, a memfd to close once sent): a large message goes in a memfd,
+    passed as the last fd."""
+    if len(data) <= INLINE_MAX:
+        return data, fds, None
+    memfd = os.memfd_create("sandspawn-request", os.MFD_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(memfd, view):]
+        os.lseek(memfd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(memfd)
+        raise
+    return _IN_MEMFD, [*fds, memfd], memfd
+
+
+def unpack(data: bytes, fds: list[int]) -> tuple[bytes, list[int]]:
+    """The message pack() made, and the fds that came with it (the memfd read and closed)."""
+    if data != _IN_MEMFD:
+        return data, fds
+    if not fds:
+        raise OSError(errno.EBADMSG, "a message said it was in a memfd but came without one")
+    memfd = fds[-1]
+    try:
+        chunks = []
+        while chunk := os.read(memfd, 1 << 20):
+            chunks.append(chunk)
+    finally:
+        os.close(memfd)
+    return b"".join(chunks), fds[:-1]

@@ -15,12 +15,13 @@ and reports back. The zygote relays to the status socket:
 and obeys {"kill": true} on that socket (the whole sandbox is killed).
 
 Leases take us off the spawn path. A spawn request with "lease": true asks for them: from then
-on we keep the caller supplied with one ready child per policy, sending {"lease": key} and a
-copy of our socket to that child on the control socket. The caller sends its next request for
+on we keep the caller supplied with one ready child per policy, sending {"lease": id, "box":
+pid} (id: lease_id of the plan key) and a copy of our socket to that child on the control
+socket. The caller sends its next request for
 that policy straight to the child (with "leased": true), and the child first gives us its copy
 of the status socket ({"assigned": {"timeout": t}}), so timeouts, kill and the exit work as
 for a request that came through us. A lease the caller no longer wants comes back with
-{"op": "return", "key": key}; until then the child stays (we never kill a leased child that
+{"op": "return", "box": pid}; until then the child stays (we never kill a leased child that
 may be receiving a request: the request would be lost).
 
 When the plan gives each sandbox a cgroup v2 of its own (spec "cgroup"), the zygote detects the
@@ -53,7 +54,7 @@ import time
 from typing import Any
 
 from . import _child
-from ._fdpass import recv_fds
+from ._fdpass import pack, recv_fds, unpack
 from .confine import _libc
 
 MAX_MSG = 1 << 20
@@ -265,6 +266,7 @@ class Zygote:
                 os.close(fd)
             return False
         try:
+            data, fds = unpack(data, fds)
             req = json.loads(data)
             op = req.get("op")
             if op == "spawn":
@@ -272,7 +274,7 @@ class Zygote:
             elif op == "probe":
                 self._reply_probe(fds)
             elif op == "return":
-                self._return_lease(str(req.get("lease")))
+                self._return_lease(int(req.get("box") or 0))
                 for fd in fds:
                     os.close(fd)
             else:
@@ -352,7 +354,12 @@ class Zygote:
         request = {k: spec[k] for k in _REQUEST_KEYS}
         try:
             # The child tells the caller itself, on a copy of our end of the status socket.
-            socket.send_fds(box.sock, [json.dumps(request).encode()], fds)
+            message, with_fds, memfd = pack(json.dumps(request).encode(), fds)
+            try:
+                socket.send_fds(box.sock, [message], with_fds)
+            finally:
+                if memfd is not None:
+                    os.close(memfd)
         except OSError:
             pass  # it already failed: its report (or its exit) follows
         for fd in fds[1:]:
@@ -381,7 +388,8 @@ class Zygote:
                 continue
             box = ready[0]
             try:
-                socket.send_fds(self.control, [json.dumps({"lease": lease_id(key)}).encode()],
+                socket.send_fds(self.control,
+                                [json.dumps({"lease": lease_id(key), "box": box.pid}).encode()],
                                 [box.sock.fileno()], socket.MSG_DONTWAIT)
             except OSError:
                 return  # the caller is not reading (or is gone): it spawns through us
@@ -394,9 +402,11 @@ class Zygote:
             if key not in self.wanted:  # refill the pool: not while a short payload runs
                 self.wanted[key] = (time.monotonic() + PREFORK_DELAY, box.spec)
 
-    def _return_lease(self, lease: str) -> None:
-        key = next((k for k in self.leased if lease_id(k) == lease), None)
-        box = self.leased.pop(key, None) if key is not None else None
+    def _return_lease(self, pid: int) -> None:
+        """The caller gives back the lease of child `pid` unused (a lease of the same policy
+        sent since is not this one: only this child is retired)."""
+        key = next((k for k, b in self.leased.items() if b.pid == pid), None)
+        box = self.leased.pop(key) if key is not None else None
         if box is not None and box.status is None and not box.told:
             self._unregister(box.sock)
             box.kill()  # unused: the caller closed its copy and will not send to it

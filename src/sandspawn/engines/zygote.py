@@ -13,7 +13,7 @@ import threading
 from typing import Any
 
 from .. import _heldgil
-from .._fdpass import recv_fds
+from .._fdpass import pack, recv_fds
 from ..errors import SpawnError
 
 _PKG_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -39,10 +39,10 @@ class ZygoteClient:
         self._owner_pid = 0
         self._base: str | None = None
         self._pidfd = -1
-        # lease id (_zygote.lease_id of the plan key) → our copy of the zygote's socket to a
-        # ready child for that policy (a lease): a request sent there skips the zygote. Least
-        # recently used first.
-        self._leases: dict[str, socket.socket] = {}
+        # lease id (_zygote.lease_id of the plan key) → (our copy of the zygote's socket to a
+        # ready child for that policy, the child's pid): a lease. A request sent there skips
+        # the zygote. Least recently used first.
+        self._leases: dict[str, tuple[socket.socket, int]] = {}
 
     def _start(self) -> socket.socket:
         # The zygote keeps its sandboxes' private temporary directories under this one, so
@@ -77,7 +77,7 @@ class ZygoteClient:
         return self._sock
 
     def _drop_leases(self) -> None:
-        for lease in self._leases.values():
+        for lease, _ in self._leases.values():
             _heldgil.close_socket(lease)
         self._leases.clear()
 
@@ -94,22 +94,31 @@ class ZygoteClient:
                 for fd in fds:
                     _heldgil.close(fd)
                 return
-            lease_id = str(json.loads(data).get("lease"))
-            if not fds:
+            try:
+                msg = json.loads(data)
+                lease_id, box = str(msg["lease"]), int(msg["box"])
+            except (ValueError, KeyError, TypeError):
+                msg = None
+            if msg is None or not fds:
+                for fd in fds:
+                    _heldgil.close(fd)
                 continue
             lease = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fileno=fds[0])
             for fd in fds[1:]:
                 _heldgil.close(fd)
             old = self._leases.pop(lease_id, None)
             if old is not None:
-                _heldgil.close_socket(old)
-            self._leases[lease_id] = lease
+                self._give_back(sock, old)
+            self._leases[lease_id] = (lease, box)
             while len(self._leases) > MAX_LEASES:
-                oldest = next(iter(self._leases))
-                _heldgil.close_socket(self._leases.pop(oldest))
-                self._send_control(sock, {"op": "return", "lease": oldest}, [])
+                self._give_back(sock, self._leases.pop(next(iter(self._leases))))
 
-    def _take_lease(self, lease_id: str) -> socket.socket | None:
+    def _give_back(self, control: socket.socket, lease: tuple[socket.socket, int]) -> None:
+        """Close our copy first: the zygote then retires that child (and only that one)."""
+        _heldgil.close_socket(lease[0])
+        self._send_control(control, {"op": "return", "box": lease[1]}, [])
+
+    def _take_lease(self, lease_id: str) -> tuple[socket.socket, int] | None:
         with self._lock:
             self._collect_leases(self._control())
             return self._leases.pop(lease_id, None)
@@ -126,15 +135,26 @@ class ZygoteClient:
             data = json.dumps({**request, "env": spec["env"], "timeout": spec.get("timeout"),
                                "leased": True}).encode()
             while (lease := self._take_lease(lease_id)) is not None:
+                message, with_fds, memfd = pack(data, [theirs.fileno(), *fds])
                 try:
-                    _heldgil.send_fds(lease.fileno(), data, [theirs.fileno(), *fds])
-                    return ours, True
-                except (BrokenPipeError, ConnectionResetError, ConnectionRefusedError,
-                        BlockingIOError):
-                    continue  # that child died unused (or is not listening): the next lease,
-                    # or the zygote
+                    _heldgil.send_fds(lease[0].fileno(), message, with_fds)
+                except (BrokenPipeError, ConnectionResetError, ConnectionRefusedError):
+                    _heldgil.close_socket(lease[0])  # it died unused; the zygote reaps it
+                    continue  # the next lease, or the zygote
+                except BaseException as exc:  # not taken: the zygote may retire that child
+                    with self._lock:
+                        if self._sock is not None:
+                            self._give_back(self._sock, lease)
+                        else:
+                            _heldgil.close_socket(lease[0])
+                    if isinstance(exc, BlockingIOError):
+                        continue  # no room for the request there: through the zygote
+                    raise
                 finally:
-                    _heldgil.close_socket(lease)
+                    if memfd is not None:
+                        _heldgil.close(memfd)
+                _heldgil.close_socket(lease[0])
+                return ours, True
             self._request({"op": "spawn", "key": key, "spec": {**spec, **request},
                            "lease": True}, theirs, fds)
         except BaseException:
@@ -173,12 +193,19 @@ class ZygoteClient:
         return ours
 
     def _request(self, msg: dict[str, Any], reply: socket.socket, fds: list[int]) -> None:
-        data = json.dumps(msg).encode()
+        data, with_fds, memfd = pack(json.dumps(msg).encode(), [reply.fileno(), *fds])
+        try:
+            self._send_request(data, with_fds)
+        finally:
+            if memfd is not None:
+                os.close(memfd)
+
+    def _send_request(self, data: bytes, fds: list[int]) -> None:
         with self._lock:
             for attempt in (1, 2):
                 sock = self._control()
                 try:
-                    socket.send_fds(sock, [data], [reply.fileno(), *fds], socket.MSG_NOSIGNAL)
+                    socket.send_fds(sock, [data], fds, socket.MSG_NOSIGNAL)
                     return
                 except (BrokenPipeError, ConnectionResetError):
                     # The zygote died before this request reached it: safe to retry once.
@@ -200,9 +227,7 @@ class ZygoteClient:
         parent died; its leases are the parent's to use. The copy starts its own zygote if it
         spawns."""
         self._lock = threading.Lock()  # another thread may have held it at the fork
-        for lease in self._leases.values():
-            _heldgil.close_socket(lease)
-        self._leases.clear()
+        self._drop_leases()
         if self._sock is not None:
             _heldgil.close_socket(self._sock)
             self._sock = None
