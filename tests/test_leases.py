@@ -232,3 +232,31 @@ def test_a_leased_spawn_keeps_the_gil(opts: dict[str, Any]) -> None:
     # for with the GIL released, and the next attempt finds the next lease ready.
     best = min(_run_while_a_thread_holds_the_gil(ours) for _ in range(3))
     assert best < 0.1
+
+
+def test_heldgil_recv_fds_takes_small_and_large_messages() -> None:
+    """The GIL-keeping receiver of the caller: never waits, takes a message of any size (a
+    small per-thread buffer, or one made to the peeked size), fds close-on-exec, EOF."""
+    from sandspawn import _heldgil
+
+    a, b = _heldgil.seqpacket_pair()
+    r, w = os.pipe()
+    try:
+        with pytest.raises(BlockingIOError):
+            _heldgil.recv_fds(b.fileno(), 1 << 20, 1)
+        big = bytes(range(256)) * 1024  # 256 KiB: over the small buffer
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        for data in (b"small", big):
+            os.set_inheritable(r, True)
+            socket.send_fds(a, [data], [r])
+            got, fds = _heldgil.recv_fds(b.fileno(), 1 << 20, 1)
+            assert got == data and len(fds) == 1
+            assert not os.get_inheritable(fds[0])
+            os.close(fds[0])
+        a.close()
+        assert _heldgil.recv_fds(b.fileno(), 1 << 20, 1) == (b"", [])
+    finally:
+        for fd in (r, w):
+            os.close(fd)
+        a.close()
+        b.close()

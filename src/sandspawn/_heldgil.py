@@ -16,6 +16,7 @@ import errno
 import os
 import socket
 import struct
+import threading
 import time
 
 _libc = ctypes.PyDLL(None, use_errno=True)
@@ -132,11 +133,39 @@ def send_fds(fd: int, data: bytes, fds: list[int]) -> None:
         raise OSError(errno.EMSGSIZE, f"sendmsg: {n} of {len(data)} bytes sent")
 
 
+_SMALL = 65536
+# One small receive buffer per thread, made once (a fresh buffer is zeroed on every call):
+# another thread may run between our recvmsg and the copy out of it.
+_per_thread = threading.local()
+
+
+def _pending_size(fd: int) -> int:
+    """The size of the next message, without taking it (MSG_PEEK | MSG_TRUNC answer the whole
+    length of a unix datagram or seqpacket message, net/unix/af_unix.c); 0 at EOF."""
+    msg = _MsgHdr(None, 0, None, 0, None, 0, 0)
+    ctypes.set_errno(0)
+    n = _recvmsg(fd, ctypes.byref(msg), socket.MSG_PEEK | socket.MSG_TRUNC | socket.MSG_DONTWAIT)
+    if n < 0:
+        err = ctypes.get_errno()
+        if err in (errno.EAGAIN, errno.EINTR):
+            raise BlockingIOError(errno.EAGAIN, "no message yet")
+        _check(n, "recvmsg")
+    return int(n)
+
+
 def recv_fds(fd: int, bufsize: int, maxfds: int) -> tuple[bytes, list[int]]:
-    """One message without waiting (MSG_DONTWAIT), its fds close-on-exec; (b"", []) at EOF;
-    BlockingIOError when none is there. A message cut short is OSError(EMSGSIZE), as in
-    _fdpass.recv_fds."""
-    buf = ctypes.create_string_buffer(bufsize)
+    """One message of at most `bufsize` bytes without waiting (MSG_DONTWAIT), its fds
+    close-on-exec; (b"", []) at EOF; BlockingIOError when none is there. A message cut short
+    is OSError(EMSGSIZE), as in _fdpass.recv_fds."""
+    size = min(max(_pending_size(fd), 1), bufsize)
+    if size <= _SMALL:
+        buf = getattr(_per_thread, "buf", None)
+        if buf is None:
+            buf = _per_thread.buf = ctypes.create_string_buffer(_SMALL)
+        bufsize = _SMALL
+    else:
+        buf = ctypes.create_string_buffer(size)
+        bufsize = size
     iov = _IOVec(ctypes.cast(buf, ctypes.c_void_p), bufsize)
     space = socket.CMSG_SPACE(maxfds * _INT)
     control = ctypes.create_string_buffer(space)
@@ -164,7 +193,7 @@ def recv_fds(fd: int, bufsize: int, maxfds: int) -> tuple[bytes, list[int]]:
         for received in fds:
             close(received)
         raise OSError(errno.EMSGSIZE, "message or its file descriptors truncated")
-    return buf.raw[:n], list(fds)
+    return ctypes.string_at(buf, n), list(fds)
 
 
 def poll_in(fd: int, timeout: float) -> bool:

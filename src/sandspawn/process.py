@@ -194,6 +194,12 @@ class Popen:
                 # A namespace sandbox's pid 1 cannot know the payload's pid out here: the
                 # pidfd tells, and pid 1 waits for our ack before it may reap the payload.
                 self.pid = _pidfd_pid(self.pidfd)
+        except BaseException:  # nothing may run unobserved
+            self.kill()
+            self._close_status()
+            for _, fd in parent_ends:
+                os.close(fd)
+            raise
         finally:
             for fd in fds[1:]:
                 _heldgil.close(fd)  # the ack socket: closing it is the ack

@@ -25,8 +25,6 @@ _BOOT = (
 MAX_MSG = 1 << 20
 # Policies we keep a leased child for (the zygote keeps as many with pre-forked children).
 MAX_LEASES = 4
-LEASE_MSG = 4096  # {"lease": id}
-STATUS_MSG = 65536  # started, exit, or an error whose detail the child caps (_child.MAX_DETAIL)
 
 
 class ZygoteClient:
@@ -85,7 +83,7 @@ class ZygoteClient:
         """Take the leases the zygote sent since we last looked (never blocks)."""
         while True:
             try:
-                data, fds = _heldgil.recv_fds(sock.fileno(), LEASE_MSG, 1)
+                data, fds = _heldgil.recv_fds(sock.fileno(), MAX_MSG, 1)
             except BlockingIOError:
                 return
             except OSError:
@@ -249,7 +247,7 @@ def read_message_soon(sock: socket.socket, hold: float
     if not _heldgil.poll_in(sock.fileno(), hold):
         return None
     try:
-        data, fds = _heldgil.recv_fds(sock.fileno(), STATUS_MSG, 4)
+        data, fds = _heldgil.recv_fds(sock.fileno(), MAX_MSG, 4)
     except BlockingIOError:
         return None
     if not data:
