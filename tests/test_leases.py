@@ -260,3 +260,31 @@ def test_heldgil_recv_fds_takes_small_and_large_messages() -> None:
             os.close(fd)
         a.close()
         b.close()
+
+
+def test_a_lease_used_after_its_policy_went_cold_brings_the_next(opts: dict[str, Any]) -> None:
+    """The zygote keeps leasing the policies most recently spawned; a lease the caller still
+    held for a policy that dropped out of them, once used, puts the policy back (and refills
+    its pool), so the spawn after it is leased again."""
+    assert sandspawn.run(["true"], cwd="/", **opts).returncode == 0
+    base = _key(opts)
+    _wait_for_lease(base)
+    client = zygote.client()
+    held = client._take_lease(base)  # set aside while other policies are spawned
+    assert held is not None
+    dirs = [tempfile.mkdtemp(prefix="sandspawn-cold-") for _ in range(5)]
+    try:
+        for d in dirs:
+            os.chmod(d, 0o755)
+            pol = sandspawn.process.resolve_policy("strict").with_paths([PathRule(d, "ro")])
+            assert sandspawn.run(["true"], pol, cwd="/", **opts).returncode == 0
+    finally:
+        for d in dirs:
+            os.rmdir(d)
+    with client._lock:
+        old = client._leases.pop(base, None)
+        client._leases[base] = held
+    if old is not None:
+        old[0].close()
+    assert sandspawn.run(["true"], cwd="/", **opts).returncode == 0  # through the held lease
+    _wait_for_lease(base)

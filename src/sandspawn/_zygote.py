@@ -374,11 +374,15 @@ class Zygote:
         self.sel.register(status, selectors.EVENT_READ, ("status", box))
         self.wanted[key] = (time.monotonic() + PREFORK_DELAY, spec)
         if req.get("lease"):
-            self.lease_keys.pop(key, None)
-            self.lease_keys[key] = None
-            while len(self.lease_keys) > MAX_WARM:
-                del self.lease_keys[next(iter(self.lease_keys))]
+            self._wants_leases(key)
             self._give_leases()
+
+    def _wants_leases(self, key: str) -> None:
+        """The caller spawns this policy: keep it leased (the most recent MAX_WARM policies)."""
+        self.lease_keys.pop(key, None)
+        self.lease_keys[key] = None
+        while len(self.lease_keys) > MAX_WARM:
+            del self.lease_keys[next(iter(self.lease_keys))]
 
     def _give_leases(self) -> None:
         """Lease a ready child to the caller for each policy it wants leases for and has none."""
@@ -423,6 +427,9 @@ class Zygote:
         if timeout:
             box.deadline = time.monotonic() + float(timeout)
         self.sel.register(box.status, selectors.EVENT_READ, ("status", box))
+        self._wants_leases(box.key)  # in use: it stays among the leased policies
+        if box.key not in self.wanted and len(self.warm.get(box.key, ())) < WARM_PER_POLICY:
+            self.wanted[box.key] = (time.monotonic() + PREFORK_DELAY, box.spec)
         self._give_leases()
 
     def _prefork_due(self) -> None:
