@@ -288,3 +288,52 @@ def test_a_lease_used_after_its_policy_went_cold_brings_the_next(opts: dict[str,
         old[0].close()
     assert sandspawn.run(["true"], cwd="/", **opts).returncode == 0  # through the held lease
     _wait_for_lease(base)
+
+
+def test_back_to_back_spawns_are_leased(opts: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+                                        ) -> None:
+    """A caller spawning one policy in a tight loop still finds leased children: each spawn
+    must not put off the refill of the pool (it did, and every spawn then forked in line)."""
+    leased: list[bool] = []
+    real = zygote.ZygoteClient.spawn
+
+    def spy(self: zygote.ZygoteClient, *args: Any) -> Any:
+        status, was_leased = real(self, *args)
+        leased.append(was_leased)
+        return status, was_leased
+
+    monkeypatch.setattr(zygote.ZygoteClient, "spawn", spy)
+    for _ in range(40):
+        assert sandspawn.run(["true"], cwd="/", stdin=sandspawn.DEVNULL,
+                             stdout=sandspawn.DEVNULL, **opts).returncode == 0
+    assert sum(leased) >= 10, leased  # 0 before the fix; about 90% here
+
+
+def test_a_leased_child_dying_before_it_takes_the_request_is_retried(opts: dict[str, Any]
+                                                                      ) -> None:
+    """The request reached a leased child's socket, and the child died before reading it: the
+    request is lost with it, nothing ran, and the zygote never heard of it. The caller sees
+    that (EOF, no word from the zygote) and sends it once more through the zygote."""
+    import threading
+
+    assert sandspawn.run(["true"], cwd="/", **opts).returncode == 0
+    lease = _key(opts)
+    _wait_for_lease(lease)
+    client = zygote.client()
+    box = client._leases[lease][1]  # the zygote's child: the reader itself, or pid 1's waiter
+    reader = box if opts["engine"] != "native" else _zygote_children(box)[0]
+    zyg = client.pid
+    os.kill(reader, signal.SIGSTOP)  # it will not read what we send it
+
+    def kill_later() -> None:
+        time.sleep(0.3)
+        os.kill(box, signal.SIGKILL)  # a native pid 1 follows its waiter (PDEATHSIG)
+
+    killer = threading.Thread(target=kill_later)
+    killer.start()
+    try:
+        res = sandspawn.run(["sh", "-c", "echo again"], cwd="/", capture_output=True, **opts)
+    finally:
+        killer.join()
+    assert (res.returncode, res.stdout) == (0, b"again\n"), res.stderr
+    assert client.pid == zyg

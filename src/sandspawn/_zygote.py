@@ -372,7 +372,7 @@ class Zygote:
         box.key = key
         self.sel.register(box.sock, selectors.EVENT_READ, ("child", box))
         self.sel.register(status, selectors.EVENT_READ, ("status", box))
-        self.wanted[key] = (time.monotonic() + PREFORK_DELAY, spec)
+        self._want_refill(key, spec)
         if req.get("lease"):
             self._wants_leases(key)
             self._give_leases()
@@ -403,8 +403,16 @@ class Zygote:
             self.leased[key] = box
             # Its "assigned" (or its failure) comes to us, whenever the caller uses it.
             self.sel.register(box.sock, selectors.EVENT_READ, ("child", box))
-            if key not in self.wanted:  # refill the pool: not while a short payload runs
-                self.wanted[key] = (time.monotonic() + PREFORK_DELAY, box.spec)
+            self._want_refill(key, box.spec)
+
+    def _want_refill(self, key: str, spec: dict[str, Any]) -> None:
+        """Plan the next fork for this policy's pool: PREFORK_DELAY from now (not under a short
+        payload's feet), or at once when the pool is empty (the caller's next spawn would fork
+        in line); never later than already planned (a caller spawning more often than every
+        PREFORK_DELAY would otherwise put the refill off for ever)."""
+        when = time.monotonic() + (PREFORK_DELAY if self.warm.get(key) else 0.0)
+        planned = self.wanted.get(key)
+        self.wanted[key] = (min(when, planned[0]) if planned else when, spec)
 
     def _return_lease(self, pid: int) -> None:
         """The caller gives back the lease of child `pid` unused (a lease of the same policy
@@ -428,8 +436,8 @@ class Zygote:
             box.deadline = time.monotonic() + float(timeout)
         self.sel.register(box.status, selectors.EVENT_READ, ("status", box))
         self._wants_leases(box.key)  # in use: it stays among the leased policies
-        if box.key not in self.wanted and len(self.warm.get(box.key, ())) < WARM_PER_POLICY:
-            self.wanted[box.key] = (time.monotonic() + PREFORK_DELAY, box.spec)
+        if len(self.warm.get(box.key, ())) < WARM_PER_POLICY:
+            self._want_refill(box.key, box.spec)
         self._give_leases()
 
     def _prefork_due(self) -> None:

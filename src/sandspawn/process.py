@@ -149,9 +149,20 @@ class Popen:
                 os.fstat(fd)  # EBADF now, not in the child
                 fd_map.append((len(send), fd))
                 send.append(fd)
-            status, leased = zygote.client().spawn(
-                prepared.key, prepared.lease, prepared.spec,
-                _request(self.args, executable, cwd, fd_map), send)
+            request = _request(self.args, executable, cwd, fd_map)
+            client = zygote.client()
+            lease = prepared.lease
+            while True:
+                status, leased = client.spawn(prepared.key, lease, prepared.spec, request, send)
+                msg, fds = _first_message(status, leased)
+                if msg is None and leased and client.alive():
+                    # EOF, and no word from the zygote: the leased child died before it took
+                    # the request (once it has, the zygote holds the status socket and says
+                    # what happened). Nothing ran: once more, through the zygote.
+                    _heldgil.close_socket(status)
+                    lease = ""
+                    continue
+                break
         except BaseException:
             for _, fd in parent_ends:
                 os.close(fd)
@@ -160,19 +171,6 @@ class Popen:
             for fd in to_close:
                 _heldgil.close(fd)
         self._status = status
-        try:
-            msg, fds = (zygote.read_message_soon(status, START_HOLD if leased else 0)
-                        or zygote.read_message(status))
-        except BaseException:  # interrupted while starting: nothing may run unobserved
-            try:
-                status.send(b'{"kill": true}')
-            except OSError:
-                pass
-            status.close()
-            self._status = None
-            for _, fd in parent_ends:
-                os.close(fd)
-            raise
         if msg is None or "started" not in msg:
             status.close()
             self._status = None
@@ -473,6 +471,22 @@ def run(
     if check:
         completed.check_returncode()
     return completed
+
+
+def _first_message(status: socket.socket, leased: bool
+                   ) -> tuple[dict[str, Any] | None, list[int]]:
+    """"started" or the error, from a sandbox being started; if we are interrupted meanwhile,
+    the sandbox is killed (nothing may run unobserved) and the status socket closed."""
+    try:
+        return (zygote.read_message_soon(status, START_HOLD if leased else 0)
+                or zygote.read_message(status))
+    except BaseException:
+        try:
+            status.send(b'{"kill": true}')
+        except OSError:
+            pass
+        status.close()
+        raise
 
 
 def _pidfd_pid(pidfd: int) -> int:

@@ -162,6 +162,12 @@ class ZygoteClient:
             _heldgil.close_socket(theirs)
         return ours, False
 
+    def alive(self) -> bool:
+        """Whether our zygote runs (False before the first spawn, or once it died)."""
+        with self._lock:
+            return (self._sock is not None and self._owner_pid == os.getpid()
+                    and not self._exited())
+
     def _exited(self) -> bool:
         return _heldgil.poll_in(self._pidfd, 0)  # a pidfd is readable once it exited
 
