@@ -97,7 +97,7 @@ def read_small_file(path: str, limit: int = 65536) -> bytes:
     try:
         buf = ctypes.create_string_buffer(limit)
         n = _check(_read(fd, buf, limit), f"read {path}")
-        return buf.raw[:n]
+        return ctypes.string_at(buf, n)
     finally:
         close(fd)
 
@@ -112,8 +112,8 @@ def seqpacket_pair() -> tuple[socket.socket, socket.socket]:
 
 
 def send_fds(fd: int, data: bytes, fds: list[int]) -> None:
-    """sendmsg of one message with SCM_RIGHTS, MSG_NOSIGNAL (EPIPE is an error, not a signal).
-    Only for sockets with room: a full one would block with the GIL held."""
+    """sendmsg of one message with SCM_RIGHTS, MSG_NOSIGNAL (EPIPE is an error, not a signal)
+    and MSG_DONTWAIT (a socket without room is BlockingIOError: never wait with the GIL)."""
     buf = ctypes.create_string_buffer(data, len(data))
     iov = _IOVec(ctypes.cast(buf, ctypes.c_void_p), len(data))
     msg = _MsgHdr(None, 0, ctypes.pointer(iov), 1, None, 0, 0)
