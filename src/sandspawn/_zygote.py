@@ -195,7 +195,8 @@ class Zygote:
         self.boxes: dict[int, _Box] = {}  # every child of ours, warm or running, by pid
         self.warm: dict[str, list[_Box]] = {}  # most recently used policy last
         self.wanted: dict[str, tuple[float, dict[str, Any]]] = {}  # key → (when, spec)
-        self.lease_keys: dict[str, None] = {}  # policies the caller takes leases for (MRU last)
+        # policies the caller takes leases for, with their lease ids (most recent last)
+        self.lease_keys: dict[str, str] = {}
         self.leased: dict[str, _Box] = {}  # the caller's unused lease per policy
         # plan key → its seccomp BPF and parsed Landlock ruleset, made once per policy
         self.prepared: dict[str, tuple[bytes | None, Any]] = {}
@@ -379,21 +380,20 @@ class Zygote:
 
     def _wants_leases(self, key: str) -> None:
         """The caller spawns this policy: keep it leased (the most recent MAX_WARM policies)."""
-        self.lease_keys.pop(key, None)
-        self.lease_keys[key] = None
+        self.lease_keys[key] = self.lease_keys.pop(key, "") or lease_id(key)
         while len(self.lease_keys) > MAX_WARM:
             del self.lease_keys[next(iter(self.lease_keys))]
 
     def _give_leases(self) -> None:
         """Lease a ready child to the caller for each policy it wants leases for and has none."""
-        for key in self.lease_keys:
+        for key, lease in self.lease_keys.items():
             ready = self.warm.get(key)
             if key in self.leased or not ready:
                 continue
             box = ready[0]
             try:
                 socket.send_fds(self.control,
-                                [json.dumps({"lease": lease_id(key), "box": box.pid}).encode()],
+                                [json.dumps({"lease": lease, "box": box.pid}).encode()],
                                 [box.sock.fileno()], socket.MSG_DONTWAIT)
             except OSError:
                 return  # the caller is not reading (or is gone): it spawns through us
@@ -406,11 +406,15 @@ class Zygote:
             self._want_refill(key, box.spec)
 
     def _want_refill(self, key: str, spec: dict[str, Any]) -> None:
-        """Plan the next fork for this policy's pool: PREFORK_DELAY from now (not under a short
+        """Plan the next fork for this policy's pool, unless it is full: PREFORK_DELAY from now
+        (not under a short
         payload's feet), or at once when the pool is empty (the caller's next spawn would fork
         in line); never later than already planned (a caller spawning more often than every
         PREFORK_DELAY would otherwise put the refill off for ever)."""
-        when = time.monotonic() + (PREFORK_DELAY if self.warm.get(key) else 0.0)
+        ready = len(self.warm.get(key, ()))
+        if ready >= WARM_PER_POLICY:
+            return
+        when = time.monotonic() + (PREFORK_DELAY if ready else 0.0)
         planned = self.wanted.get(key)
         self.wanted[key] = (min(when, planned[0]) if planned else when, spec)
 
@@ -436,8 +440,7 @@ class Zygote:
             box.deadline = time.monotonic() + float(timeout)
         self.sel.register(box.status, selectors.EVENT_READ, ("status", box))
         self._wants_leases(box.key)  # in use: it stays among the leased policies
-        if len(self.warm.get(box.key, ())) < WARM_PER_POLICY:
-            self._want_refill(box.key, box.spec)
+        self._want_refill(box.key, box.spec)
         self._give_leases()
 
     def _prefork_due(self) -> None:

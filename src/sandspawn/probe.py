@@ -38,7 +38,7 @@ from types import ModuleType
 from typing import Any
 
 from .confine import _libc
-from .confine.cgroups import write_file
+from .confine.cgroups import read_file, write_file
 from .confine.landlock import query_abi
 from .confine.mounts import MNT_DETACH, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_PRIVATE, MS_REC
 from .confine.mounts import mount as _mount
@@ -153,16 +153,8 @@ class HostProbe:
 # Small readers
 
 
-def _read(path: str) -> str | None:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as fh:
-            return fh.read()
-    except OSError:
-        return None
-
-
 def _read_int(path: str) -> int | None:
-    text = _read(path)
+    text = read_file(path)
     try:
         return int(text.strip()) if text is not None else None
     except ValueError:
@@ -206,7 +198,7 @@ class _Host:
 
 def _parse_status() -> dict[str, str]:
     out: dict[str, str] = {}
-    for line in (_read("/proc/self/status") or "").splitlines():
+    for line in (read_file("/proc/self/status") or "").splitlines():
         key, sep, value = line.partition(":")
         if sep:
             out[key] = value.strip()
@@ -216,7 +208,7 @@ def _parse_status() -> dict[str, str]:
 def _lsm_label() -> str | None:
     # Linux 5.8+ has a per-LSM directory; the shared file answers EINVAL without a labelling LSM.
     for path in ("/proc/self/attr/apparmor/current", "/proc/self/attr/current"):
-        text = _read(path)
+        text = read_file(path)
         if text:
             return text.strip("\x00\n ")
     return None
@@ -225,7 +217,7 @@ def _lsm_label() -> str | None:
 def _mountinfo() -> list[tuple[str, str, str]]:
     """(root, mount point, fstype) of each mount: Documentation/filesystems/proc.rst 3.5."""
     rows = []
-    for line in (_read("/proc/self/mountinfo") or "").splitlines():
+    for line in (read_file("/proc/self/mountinfo") or "").splitlines():
         pre, sep, post = line.partition(" - ")
         a, b = pre.split(), post.split()
         if sep and len(a) >= 5 and b:
@@ -274,7 +266,7 @@ def _landlock_fact(host: _Host) -> tuple[Fact, int, int]:
     err = sup.errno
     step = "landlock_create_ruleset"
     if err == errno.ENOSYS:
-        lsm = _read("/sys/kernel/security/lsm")
+        lsm = read_file("/sys/kernel/security/lsm")
         if lsm is not None and "landlock" in lsm.split(","):
             reason = ("landlock_create_ruleset answers ENOSYS although the kernel lists landlock "
                       f"in /sys/kernel/security/lsm: a seccomp filter hides it "
@@ -874,7 +866,7 @@ def _seccomp_blocks(host: _Host, what: str) -> str:
 
 
 def _uid_mapped(uid: int) -> bool:
-    text = _read("/proc/self/uid_map")
+    text = read_file("/proc/self/uid_map")
     if text is None:
         return True
     for line in text.splitlines():
@@ -1364,7 +1356,8 @@ def _bwrap_fact(host: _Host, userns: Fact, mount_ns: Fact, pidns: Fact) -> Fact:
         err = " ".join(res.stderr.split()[2:4])  # "setresuid EINVAL"
         if err.endswith("EINVAL") and err.startswith("setres"):  # man 2 setresuid
             why = f"uid/gid {uid} has no mapping in this user namespace ({err})"
-        elif err == "setgroups EPERM" and (_read("/proc/self/setgroups") or "").strip() == "deny":
+        elif (err == "setgroups EPERM"
+              and (read_file("/proc/self/setgroups") or "").strip() == "deny"):
             # man 7 user_namespaces: /proc/PID/setgroups "deny" (Linux 3.19+)
             why = "setgroups(2) is disabled in this user namespace (/proc/self/setgroups: deny)"
         else:
@@ -1493,7 +1486,7 @@ def cgroup2_data(sup: Any) -> dict[str, Any]:
 
 def _flatpak_fact() -> Fact:
     # https://docs.flatpak.org/en/latest/flatpak-command-reference.html: /.flatpak-info
-    text = _read("/.flatpak-info")
+    text = read_file("/.flatpak-info")
     if text is None:
         return Fact("inside_flatpak", False, "no /.flatpak-info")
     cp = configparser.ConfigParser(interpolation=None)
@@ -1530,10 +1523,10 @@ def _container_fact(host: _Host) -> Fact:
     for path in ("/.dockerenv", "/run/.containerenv"):
         if os.path.exists(path):
             markers.append(path)
-    kind = (_read("/run/systemd/container") or "").strip()
+    kind = (read_file("/run/systemd/container") or "").strip()
     if kind:
         markers.append(f"/run/systemd/container={kind}")
-    env1 = _read("/proc/1/environ")
+    env1 = read_file("/proc/1/environ")
     if env1 is not None:
         for item in env1.split("\x00"):
             if item.startswith("container="):

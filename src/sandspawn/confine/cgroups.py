@@ -133,7 +133,8 @@ def v1_bound(mounts: Iterable[MountEntry], states: dict[str, ControllerState]
     return {k: v for k, v in out.items() if k in states or k in _KCONFIG}
 
 
-def _read(path: str) -> str | None:
+def read_file(path: str) -> str | None:
+    """A kernel interface file's text (cgroup, /proc, /sys), or None when it cannot be read."""
     try:
         with open(path, encoding="utf-8", errors="replace") as fh:
             return fh.read()
@@ -225,9 +226,9 @@ def detect(wanted: Iterable[str] = CONTROLLERS, *, mountinfo: str | None = None,
     """
     want = tuple(wanted)
     mounts = parse_mountinfo(mountinfo if mountinfo is not None
-                             else _read("/proc/self/mountinfo") or "")
+                             else read_file("/proc/self/mountinfo") or "")
     states = parse_proc_cgroups(proc_cgroups if proc_cgroups is not None
-                                else _read("/proc/cgroups") or "")
+                                else read_file("/proc/cgroups") or "")
     bound = v1_bound(mounts, states)
 
     def no_controllers(detail: str) -> dict[str, str]:
@@ -240,7 +241,7 @@ def detect(wanted: Iterable[str] = CONTROLLERS, *, mountinfo: str | None = None,
                              remedy=_V2_REMEDY + ", or mount one: mount -t cgroup2 none "
                                                  "/sys/fs/cgroup/unified")
     ours = parse_own_cgroup(proc_cgroup if proc_cgroup is not None
-                            else _read("/proc/self/cgroup") or "")
+                            else read_file("/proc/self/cgroup") or "")
     if ours is None:
         return CgroupSupport(mount=v2[0].mountpoint,
                              missing=no_controllers("we are in no cgroup v2"),
@@ -260,9 +261,9 @@ def detect(wanted: Iterable[str] = CONTROLLERS, *, mountinfo: str | None = None,
         base = os.path.dirname(path)
     # cgroup.type exists on every non-root cgroup (Linux 4.14, "Threads"); the root has none.
     is_root = not os.path.exists(os.path.join(base, "cgroup.type"))
-    available = tuple((_read(os.path.join(base, "cgroup.controllers")) or "").split())
-    enabled = tuple((_read(os.path.join(base, "cgroup.subtree_control")) or "").split())
-    procs = (_read(os.path.join(base, "cgroup.procs")) or "").split()
+    available = tuple((read_file(os.path.join(base, "cgroup.controllers")) or "").split())
+    enabled = tuple((read_file(os.path.join(base, "cgroup.subtree_control")) or "").split())
+    procs = (read_file(os.path.join(base, "cgroup.procs")) or "").split()
     cur = CgroupSupport(mount=mount.mountpoint, cgroup=ours, path=path, base=base,
                         is_root=is_root, available=available, enabled=enabled,
                         has_processes=bool(procs))
@@ -360,7 +361,7 @@ def _probe_child(base: str) -> tuple[bool, bool, str]:
 
 def _bad_type(base: str) -> str:
     # cgroup.type "threaded" / "domain invalid" cgroups cannot host domain controllers (4.14).
-    kind = (_read(os.path.join(base, "cgroup.type")) or "domain").strip()
+    kind = (read_file(os.path.join(base, "cgroup.type")) or "domain").strip()
     if kind in ("domain", "domain threaded"):
         return ""
     return f"our cgroup {base} is of type {kind!r}: it cannot host domain controllers"
@@ -383,7 +384,7 @@ def move_processes(src: str, dst: str, *, attempts: int = 100) -> int:
     until src is empty (processes may fork meanwhile); return how many were moved."""
     moved = 0
     for _ in range(attempts):
-        pids = [p for p in (_read(os.path.join(src, "cgroup.procs")) or "").split() if p]
+        pids = [p for p in (read_file(os.path.join(src, "cgroup.procs")) or "").split() if p]
         if not pids:
             return moved
         for pid in pids:
@@ -440,7 +441,7 @@ def enable_controllers(support: CgroupSupport, controllers: Iterable[str] | None
         except OSError as exc:
             raise CgroupError(exc.errno or errno.EIO, "enable controllers",
                               f"{base}/cgroup.subtree_control: {_errtext(exc)}") from None
-    return tuple((_read(os.path.join(base, "cgroup.subtree_control")) or "").split())
+    return tuple((read_file(os.path.join(base, "cgroup.subtree_control")) or "").split())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -500,7 +501,7 @@ class SandboxCgroup:
         return os.path.exists(self._file(name))
 
     def controllers(self) -> tuple[str, ...]:
-        return tuple((_read(self._file("cgroup.controllers")) or "").split())
+        return tuple((read_file(self._file("cgroup.controllers")) or "").split())
 
     def _set(self, name: str, value: str, controller: str) -> None:
         try:
@@ -561,11 +562,11 @@ class SandboxCgroup:
         return os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
     def procs(self) -> list[int]:
-        return [int(p) for p in (_read(self._file("cgroup.procs")) or "").split()]
+        return [int(p) for p in (read_file(self._file("cgroup.procs")) or "").split()]
 
     def populated(self) -> bool:
         """cgroup.events "populated" (Linux 4.5): any live process here or below."""
-        events = _keyed(_read(self._file("cgroup.events")))
+        events = _keyed(read_file(self._file("cgroup.events")))
         if "populated" in events:
             return events["populated"] != 0
         return bool(self.procs())
@@ -574,22 +575,22 @@ class SandboxCgroup:
 
     def memory_events(self) -> dict[str, int]:
         """memory.events (Linux 4.5; oom_kill 4.13, oom_group_kill 5.17), hierarchical."""
-        return _keyed(_read(self._file("memory.events")))
+        return _keyed(read_file(self._file("memory.events")))
 
     def pids_events(self) -> dict[str, int]:
         """pids.events "max" (Linux 4.8): forks refused because of pids.max."""
-        return _keyed(_read(self._file("pids.events")))
+        return _keyed(read_file(self._file("pids.events")))
 
     def cpu_usage_usec(self) -> int | None:
         """cpu.stat usage_usec: CPU time of every process that ran here, in microseconds; a core
         file present without the cpu controller (Linux 4.15)."""
-        return _keyed(_read(self._file("cpu.stat"))).get("usage_usec")
+        return _keyed(read_file(self._file("cpu.stat"))).get("usage_usec")
 
     def outcome(self) -> CgroupOutcome:
         """Read before remove(): the counters go with the directory."""
         mem = self.memory_events() if self.has("memory.events") else None
         pids = self.pids_events() if self.has("pids.events") else None
-        peak = _read(self._file("memory.peak"))
+        peak = read_file(self._file("memory.peak"))
         return CgroupOutcome(
             oom_kills=None if mem is None else mem.get("oom_kill", 0),
             oom_group_kills=None if mem is None else mem.get("oom_group_kill"),
@@ -637,7 +638,8 @@ class SandboxCgroup:
     def _all_procs(self) -> list[int]:
         out: list[int] = []
         for dirpath, _dirs, _files in os.walk(self.path):
-            out += [int(p) for p in (_read(os.path.join(dirpath, "cgroup.procs")) or "").split()]
+            procs = read_file(os.path.join(dirpath, "cgroup.procs")) or ""
+            out += [int(p) for p in procs.split()]
         return out
 
     def wait_empty(self, timeout: float) -> bool:
