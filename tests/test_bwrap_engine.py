@@ -24,6 +24,7 @@ import pytest
 
 from engine_probe import PROBE
 from forked import NOBODY, both_users, in_child
+from procs import sleepers
 from sandspawn import _shim, semantics
 from sandspawn.confine import landlock, mounts
 from sandspawn.confine.seccomp import compile_bpf
@@ -294,21 +295,6 @@ def test_exit_codes_signals_and_exec_failure(probe: HostProbe, as_nobody: bool) 
     assert step == "chdir" and int(err) == 2 and "/no/such/dir" in detail
 
 
-def _sleepers(tag: str) -> list[int]:
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().split(b"\0")
-            with open(f"/proc/{pid}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if cmd[:2] == [b"sleep", tag.encode()] and state != "Z":
-            found.append(int(pid))
-    return found
-
-
 def _status_so_far(fd: int, timeout: float = 10) -> bwrap.BwrapStatus:
     data = b""
     deadline = time.monotonic() + timeout
@@ -352,17 +338,17 @@ def test_terminate_the_payload_and_kill_the_sandbox(probe: HostProbe, as_nobody:
         assert init is not None and st.proc.stdout is not None
         out.append(st.proc.stdout.readline().decode())
         deadline = time.monotonic() + 5
-        while len(_sleepers(tag)) < 2 and time.monotonic() < deadline:
+        while len(sleepers(tag)) < 2 and time.monotonic() < deadline:
             time.sleep(0.01)
-        out.append(len(_sleepers(tag)))
+        out.append(len(sleepers(tag)))
         pidfd = os.pidfd_open(init)
         signal.pidfd_send_signal(pidfd, signal.SIGKILL)
         os.close(pidfd)
         out.append(st.proc.wait(10))
         deadline = time.monotonic() + 2
-        while _sleepers(tag) and time.monotonic() < deadline:
+        while sleepers(tag) and time.monotonic() < deadline:
             time.sleep(0.02)
-        out.append(_sleepers(tag))
+        out.append(sleepers(tag))
         os.close(st.status_fd)
         st.report.close()
         st.proc.stdout.close()
@@ -372,9 +358,9 @@ def test_terminate_the_payload_and_kill_the_sandbox(probe: HostProbe, as_nobody:
 
     res = in_child(body, as_nobody=as_nobody, timeout=60)
     assert res.error is None, res.error
-    up, term_code, term_status, ok, sleepers, kill_code, left = res.value
+    up, term_code, term_status, ok, n_sleepers, kill_code, left = res.value
     assert up == "up\n" and term_code == 3 and term_status == 3
-    assert ok == "ok\n" and sleepers == 2
+    assert ok == "ok\n" and n_sleepers == 2
     assert kill_code == 128 + 9  # bwrap reports its pid 1's death by SIGKILL as 137
     assert left == []
 

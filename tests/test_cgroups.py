@@ -20,6 +20,7 @@ import pytest
 
 import sandspawn
 from forked import NOBODY, both_users, in_child
+from procs import alive
 from sandspawn.confine import cgroups
 from sandspawn.confine.cgroups import CgroupError, SandboxCgroup
 
@@ -278,14 +279,6 @@ def _session(pid: int) -> int:
         return int(fh.read().rsplit(")", 1)[1].split()[3])
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):  # gone, or reaped while we read
-        return False
-
-
 @pytest.mark.parametrize("use_cgroup_kill", [True, False], ids=["cgroup.kill", "signals"])
 def test_create_move_kill_remove(cg: SandboxCgroup, use_cgroup_kill: bool) -> None:
     if use_cgroup_kill and not cg.has("cgroup.kill"):
@@ -304,7 +297,7 @@ def test_create_move_kill_remove(cg: SandboxCgroup, use_cgroup_kill: bool) -> No
     cg.kill(use_cgroup_kill=use_cgroup_kill)
     assert proc.wait(10) == -signal.SIGKILL
     assert cg.wait_empty(10)
-    assert not any(_alive(p) for p in pids)  # the setsid'd one and the grandchild too
+    assert not any(alive(p) for p in pids)  # the setsid'd one and the grandchild too
     assert cg.procs() == []
     path = cg.path
     cg.remove()
@@ -319,7 +312,7 @@ def test_remove_kills_what_is_left(cg: SandboxCgroup) -> None:
     assert info.value.errno == errno.EBUSY and info.value.step == "remove cgroup"
     cg.remove()
     assert not os.path.exists(cg.path)
-    assert proc.wait(10) == -signal.SIGKILL and not _alive(pids[0])
+    assert proc.wait(10) == -signal.SIGKILL and not alive(pids[0])
 
 
 def test_names_are_unique_and_child_cgroups_are_removed(support: cgroups.CgroupSupport) -> None:
@@ -410,7 +403,7 @@ def test_a_sandbox_escaping_its_session_is_killed_by_its_cgroup(cg: SandboxCgrou
         assert _session(escaped) == escaped
         cg.kill()
         assert proc.wait(10) == -signal.SIGKILL
-    assert cg.wait_empty(10) and not _alive(escaped)
+    assert cg.wait_empty(10) and not alive(escaped)
 
 
 # --- enabling controllers: the no-internal-process rule, shown with a free controller -----------

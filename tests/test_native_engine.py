@@ -18,6 +18,7 @@ import pytest
 import sandspawn
 from engine_probe import PROBE
 from forked import NOBODY
+from procs import sleepers
 
 PYTHON = "/usr/bin/python3"
 
@@ -106,30 +107,15 @@ def test_payload_sees_forwarded_sigterm() -> None:
         assert proc.wait(10) == 3
 
 
-def _sleepers(tag: str) -> list[int]:
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().split(b"\0")
-            with open(f"/proc/{pid}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if cmd[:2] == [b"sleep", tag.encode()] and state != "Z":
-            found.append(int(pid))
-    return found
-
-
 def test_timeout_kills_fifty_sleepers() -> None:
     tag = f"60.{os.getpid()}"
     with pytest.raises(subprocess.TimeoutExpired):
         sandspawn.run(["sh", "-c", f"for i in $(seq 50); do sleep {tag} & done; wait"],
                       timeout=1.5)
     deadline = time.monotonic() + 2
-    while _sleepers(tag) and time.monotonic() < deadline:
+    while sleepers(tag) and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert _sleepers(tag) == []
+    assert sleepers(tag) == []
 
 
 def test_kill_kills_the_whole_namespace() -> None:
@@ -138,16 +124,16 @@ def test_kill_kills_the_whole_namespace() -> None:
                            stdout=sandspawn.PIPE)
     assert proc.stdout is not None and proc.stdout.readline() == b"ok\n"
     deadline = time.monotonic() + 5  # the second sleep may still be between fork and exec
-    while len(_sleepers(tag)) < 2 and time.monotonic() < deadline:
+    while len(sleepers(tag)) < 2 and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert len(_sleepers(tag)) == 2
+    assert len(sleepers(tag)) == 2
     proc.kill()
     assert proc.wait(10) == -9
     proc.stdout.close()
     deadline = time.monotonic() + 2
-    while _sleepers(tag) and time.monotonic() < deadline:
+    while sleepers(tag) and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert _sleepers(tag) == []
+    assert sleepers(tag) == []
 
 
 def test_busy_threads_and_a_large_heap_spawn_200() -> None:

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 import sandspawn
+from procs import alive
 from sandspawn.engines import zygote
 from sandspawn.policy import Lifetime, Policy
 
@@ -180,14 +181,6 @@ sys.stdin.read()  # until killed
 """
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 @pytest.mark.parametrize("forked", [False, True], ids=["alone", "with-forked-copy"])
 @pytest.mark.parametrize("engine", ["native", "landlock"])
 def test_caller_sigkill_kills_every_sandbox(engine: str, forked: bool) -> None:
@@ -202,7 +195,7 @@ def test_caller_sigkill_kills_every_sandbox(engine: str, forked: bool) -> None:
     payload, zyg, copy = (int(x) for x in caller.stdout.readline().split())
     try:
         _check_sandbox_dies_with(caller, payload, zyg)
-        assert not copy or _alive(copy)  # the forked copy is still there
+        assert not copy or alive(copy)  # the forked copy is still there
     finally:
         if copy:
             os.kill(copy, signal.SIGKILL)
@@ -215,9 +208,9 @@ def _check_sandbox_dies_with(caller: subprocess.Popen[str], payload: int, zyg: i
     caller.kill()
     caller.wait()
     deadline = time.monotonic() + 1.0
-    while time.monotonic() < deadline and any(_alive(p) for p in [*group, zyg]):
+    while time.monotonic() < deadline and any(alive(p) for p in [*group, zyg]):
         time.sleep(0.02)
-    assert not [p for p in [*group, zyg] if _alive(p)], "sandbox outlived its caller"
+    assert not [p for p in [*group, zyg] if alive(p)], "sandbox outlived its caller"
 
 
 def _pgid(pid: int) -> int | None:

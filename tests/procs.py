@@ -1,0 +1,30 @@
+"""Looking at processes from outside, for the tests: alive (not a zombie), sleepers by tag."""
+
+from __future__ import annotations
+
+import os
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie (pid 1 here reaps no orphans: zombies stay)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):  # gone, or reaped while we read
+        return False
+
+
+def sleepers(tag: str) -> list[int]:
+    """Live `sleep TAG` processes on the host (a tag such as "60.<pid>" marks a test's own)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().split(b"\0")
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if cmd[:2] == [b"sleep", tag.encode()] and state != "Z":
+            found.append(int(pid))
+    return found
