@@ -255,6 +255,29 @@ def test_heldgil_recv_fds_takes_small_and_large_messages() -> None:
         b.close()
 
 
+def test_heldgil_pidfd_pid_names_the_process_until_it_is_reaped() -> None:
+    """The pid behind a pidfd (a namespace sandbox's payload is known to the caller only so):
+    PIDFD_GET_INFO where the kernel has it (6.13), the fdinfo otherwise; -1 once reaped."""
+    from sandspawn import _heldgil
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.read(r, 1)
+        os._exit(0)
+    pidfd = os.pidfd_open(pid)
+    try:
+        assert _heldgil.pidfd_pid(pidfd) == pid
+        fdinfo = open(f"/proc/self/fdinfo/{pidfd}").read()
+        assert f"Pid:\t{pid}" in fdinfo
+        os.write(w, b"x")
+        os.waitpid(pid, 0)
+        assert _heldgil.pidfd_pid(pidfd) == -1
+    finally:
+        for fd in (pidfd, r, w):
+            os.close(fd)
+
+
 def test_a_lease_used_after_its_policy_went_cold_brings_the_next(opts: dict[str, Any]) -> None:
     """The zygote keeps leasing the policies most recently spawned; a lease the caller still
     held for a policy that dropped out of them, once used, puts the policy back (and refills

@@ -56,6 +56,19 @@ _recvmsg.argtypes = [ctypes.c_int, ctypes.POINTER(_MsgHdr), ctypes.c_int]
 _recvmsg.restype = ctypes.c_ssize_t
 _poll = _libc.poll
 _poll.argtypes = [ctypes.POINTER(_PollFd), ctypes.c_ulong, ctypes.c_int]
+_ioctl = _libc.ioctl
+_ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+
+
+class _PidfdInfo(ctypes.Structure):  # struct pidfd_info, include/uapi/linux/pidfd.h, Linux 6.13
+    _fields_ = [("mask", ctypes.c_uint64), ("cgroupid", ctypes.c_uint64),
+                ("pid", ctypes.c_uint32), ("tgid", ctypes.c_uint32), ("ppid", ctypes.c_uint32),
+                ("ids", ctypes.c_uint32 * 8), ("exit_code", ctypes.c_int32)]
+
+
+_PIDFD_INFO_PID = 1 << 0
+# _IOWR(PIDFS_IOCTL_MAGIC 0xFF, 11, struct pidfd_info) with the 64-byte VER0 layout.
+_PIDFD_GET_INFO = (3 << 30) | (ctypes.sizeof(_PidfdInfo) << 16) | (0xFF << 8) | 11
 
 _CMSG_HEADER = struct.Struct("@Nii")  # struct cmsghdr: cmsg_len (size_t), level, type
 _INT = array.array("i").itemsize
@@ -100,6 +113,23 @@ def read_small_file(path: str, limit: int = 65536) -> bytes:
         return ctypes.string_at(buf, n)
     finally:
         close(fd)
+
+
+def pidfd_pid(pidfd: int) -> int:
+    """The pid a pidfd refers to, in our pid namespace; -1 once reaped.
+
+    PIDFD_GET_INFO (Linux 6.13) answers in one ioctl; older kernels only tell through the
+    pidfd's fdinfo ("Pid:", fs/pidfs.c pidfd_show_fdinfo)."""
+    info = _PidfdInfo(mask=_PIDFD_INFO_PID)
+    ctypes.set_errno(0)
+    if _ioctl(pidfd, _PIDFD_GET_INFO, ctypes.byref(info)) == 0:
+        return int(info.pid) if info.mask & _PIDFD_INFO_PID and info.pid else -1
+    if ctypes.get_errno() == errno.ESRCH:  # reaped
+        return -1
+    for line in read_small_file(f"/proc/self/fdinfo/{pidfd}").decode().splitlines():
+        if line.startswith("Pid:"):
+            return int(line.split()[1])
+    return -1
 
 
 def seqpacket_pair() -> tuple[socket.socket, socket.socket]:

@@ -191,7 +191,7 @@ class Popen:
             if msg.get("ack") and self.pidfd is not None:
                 # A namespace sandbox's pid 1 cannot know the payload's pid out here: the
                 # pidfd tells, and pid 1 waits for our ack before it may reap the payload.
-                self.pid = _pidfd_pid(self.pidfd)
+                self.pid = _heldgil.pidfd_pid(self.pidfd)
         except BaseException:  # nothing may run unobserved
             self.kill()
             self._close_status()
@@ -487,15 +487,6 @@ def _first_message(status: socket.socket, leased: bool
             pass
         status.close()
         raise
-
-
-def _pidfd_pid(pidfd: int) -> int:
-    """The pid a pidfd refers to, in our pid namespace (fs/pidfs.c pidfd_show_fdinfo, "Pid:";
-    -1 once reaped)."""
-    for line in _heldgil.read_small_file(f"/proc/self/fdinfo/{pidfd}").decode().splitlines():
-        if line.startswith("Pid:"):
-            return int(line.split()[1])
-    return -1
 
 
 def _check_strings(args: Sequence[str], env: Mapping[str, str] | None) -> None:
