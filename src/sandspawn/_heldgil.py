@@ -175,6 +175,11 @@ def _pending_size(fd: int) -> int:
     msg = _MsgHdr(None, 0, None, 0, None, 0, 0)
     ctypes.set_errno(0)
     n = _recvmsg(fd, ctypes.byref(msg), socket.MSG_PEEK | socket.MSG_TRUNC | socket.MSG_DONTWAIT)
+    return _received(n)
+
+
+def _received(n: int) -> int:
+    """A non-blocking recvmsg's result: no message yet is BlockingIOError."""
     if n < 0:
         err = ctypes.get_errno()
         if err in (errno.EAGAIN, errno.EINTR):
@@ -202,12 +207,7 @@ def recv_fds(fd: int, bufsize: int, maxfds: int) -> tuple[bytes, list[int]]:
     msg = _MsgHdr(None, 0, ctypes.pointer(iov), 1, ctypes.cast(control, ctypes.c_void_p),
                   space, 0)
     ctypes.set_errno(0)
-    n = _recvmsg(fd, ctypes.byref(msg), socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
-    if n < 0:
-        err = ctypes.get_errno()
-        if err in (errno.EAGAIN, errno.EINTR):
-            raise BlockingIOError(errno.EAGAIN, "no message yet")
-        _check(n, "recvmsg")
+    n = _received(_recvmsg(fd, ctypes.byref(msg), socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC))
     fds = array.array("i")
     raw = control.raw[:msg.controllen]
     offset = 0
