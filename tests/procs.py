@@ -1,4 +1,5 @@
-"""Looking at processes from outside, for the tests: alive (not a zombie), sleepers by tag."""
+"""Looking at processes from outside, for the tests: alive (not a zombie), sleepers by tag,
+our own open fds."""
 
 from __future__ import annotations
 
@@ -28,3 +29,17 @@ def sleepers(tag: str) -> list[int]:
         if cmd[:2] == [b"sleep", tag.encode()] and state != "Z":
             found.append(int(pid))
     return found
+
+
+def own_fds() -> int:
+    """Our open fds, less those the zygote client holds for later spawns: its leases (one fd
+    each) and the sandboxes prepared for direct spawns (socket, cgroup and ruleset fds). Both
+    arrive whenever the zygote has one ready."""
+    from sandspawn.engines import zygote
+
+    client = zygote.client()
+    with client._lock:
+        held = len(client._leases)
+        held += sum(1 + (lease.cgroup_fd >= 0) + (lease.ruleset_fd >= 0)
+                    for kept in client._direct.values() for lease in kept)
+    return len(os.listdir("/proc/self/fd")) - held

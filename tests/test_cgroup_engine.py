@@ -97,7 +97,8 @@ def test_planner_enforces_memory_and_pids_with_a_usable_cgroup(probe: HostProbe,
     assert process._plan_spec(plan)["cgroup"] == {
         "limits": [["memory", 256 * MIB], ["pids", 64]], "relay": True}
     if engine == "landlock":
-        assert plan.report.line("lifetime").mechanism == "zygote + PDEATHSIG + cgroup.kill"
+        assert plan.report.line("lifetime").mechanism == _cgroup_lifetime()
+        assert plan.direct == (_cgroup_lifetime() == "zygote + cgroup.kill")
         assert "setsid" in plan.report.line("lifetime").meaning
 
 
@@ -292,7 +293,7 @@ def test_landlock_kill_reaches_a_setsid_escapee(own_cgroups: cgroups.CgroupSuppo
                             allow_weaker=["processes"], stdout=sandspawn.PIPE)
     else:
         p = _spawn("landlock", script)
-    assert p.report.line("lifetime").mechanism == "zygote + PDEATHSIG + cgroup.kill"
+    assert p.report.line("lifetime").mechanism == _cgroup_lifetime()
     assert p.stdout is not None
     escapee = int(p.stdout.readline())
     pidfd = os.pidfd_open(escapee)
@@ -342,3 +343,13 @@ def test_stale_cgroups_of_killed_zygotes_are_swept(tmp_path: Any) -> None:
             os.utime(tmp_path / name, (old, old))
     _zygote._sweep_stale(str(tmp_path), cgroups.PREFIX)
     assert sorted(os.listdir(tmp_path)) == sorted(n for k, n in names.items() if k != "stale")
+
+
+def _cgroup_lifetime() -> str:
+    """The landlock engine's lifetime mechanism with a sandbox cgroup: the payload is started
+    by the caller where the spawn helper was built (sandspawn._direct)."""
+    from sandspawn import _direct
+
+    if _direct.load() is not None and os.environ.get("SANDSPAWN_DIRECT_SPAWN") != "0":
+        return "zygote + cgroup.kill"
+    return "zygote + PDEATHSIG + cgroup.kill"

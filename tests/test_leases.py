@@ -25,7 +25,9 @@ ENGINES = [{"engine": "native"},
 
 
 @pytest.fixture(params=ENGINES, ids=lambda o: str(o["engine"]))
-def opts(request: pytest.FixtureRequest) -> dict[str, Any]:
+def opts(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    # The landlock engine's pre-forked children (not the direct spawn of test_direct_spawn.py).
+    monkeypatch.setenv("SANDSPAWN_DIRECT_SPAWN", "0")
     return dict(request.param)
 
 

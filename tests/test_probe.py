@@ -151,7 +151,7 @@ def test_fact_names(host_probe: HostProbe) -> None:
     assert names == [
         "landlock", "seccomp", "seccomp_active", "no_new_privs", "capabilities", "userns",
         "mount_ns", "netns", "pidns", "ipcns", "utsns", "cgroupns", "landlock_domain", "bwrap",
-        "cgroup2", "inside_flatpak", "inside_snap", "inside_container",
+        "cgroup2", "spawn_helper", "inside_flatpak", "inside_snap", "inside_container",
     ]
     with pytest.raises(KeyError):
         host_probe.fact("nonsense")

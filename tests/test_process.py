@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 import sandspawn
-from procs import alive
+from procs import alive, own_fds
 from sandspawn.engines import zygote
 from sandspawn.policy import Lifetime, Policy
 
@@ -135,18 +135,12 @@ def test_spawn_from_busy_threads(opts: dict[str, Any]) -> None:
     assert results == [0] * 20
 
 
-def _open_fds() -> int:
-    """Our open fds, less the leases the zygote client holds (at most one per policy, arriving
-    whenever the zygote has a child ready)."""
-    return len(os.listdir("/proc/self/fd")) - len(zygote.client()._leases)
-
-
 def test_no_fd_leak_after_many_spawns(opts: dict[str, Any]) -> None:
     sandspawn.run(["true"], cwd="/", **opts)
-    before = _open_fds()
+    before = own_fds()
     for _ in range(30):
         sandspawn.run(["sh", "-c", "echo x"], capture_output=True, cwd="/", **opts)
-    assert _open_fds() <= before
+    assert own_fds() <= before
 
 
 def test_zygote_killed_next_spawn_recovers(opts: dict[str, Any]) -> None:

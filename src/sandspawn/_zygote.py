@@ -73,10 +73,12 @@ CGROUP_GIVE_UP = 30.0
 # policy's second ready child) come first; the fork that refills the pool waits this long.
 REFILL_DELAY = 0.002
 PREPARED_MAX = 32  # policies whose seccomp BPF and Landlock ruleset we keep
+# Sandboxes prepared ahead for the caller's direct spawns, per policy (see _Direct).
+DIRECT_AHEAD = 3
 # What a pre-forked child is specialised for; everything else comes with the exec request.
 PLAN_KEYS = ("engine", "landlock", "seccomp", "uid", "gid", "rlimits", "private_tmpdir",
               "tmp_access", "namespaces", "mounts", "hostname", "loopback", "inside_uid",
-              "inside_gid", "bwrap", "cgroup")
+              "inside_gid", "bwrap", "cgroup", "direct")
 _MAINS = {"landlock": _child.warm_main, "native": _child.native_warm_main,
           "bwrap": _child.bwrap_warm_main}
 _REQUEST_KEYS = ("argv", "executable", "cwd", "cwd_fallback", "fds", "env")
@@ -122,6 +124,39 @@ class _Box:
                 os.kill(self.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+        if self.cgroup is not None:
+            _cgroup_kill(self.cgroup)
+
+
+class _Direct:
+    """A sandbox prepared for a direct spawn (_direct.py), then the payload the caller started
+    in it: its own cgroup, private /tmp and Landlock ruleset are made here ahead of time and
+    sent to the caller with a socket of its own ("lease socket").
+
+    On that socket the caller says {"started": pid, "timeout": seconds or null} with the
+    payload's pidfd. We watch the pidfd: once the payload has exited we kill whatever it left
+    in the cgroup (as a pre-forked child's process group is killed), answer {"done":
+    {"timed_out": bool, "cgroup": outcome}}, and remove the sandbox. EOF before "started"
+    means the sandbox was not used. We also kill the cgroup when the timeout comes and when the
+    caller dies; the caller itself kills it on kill()."""
+
+    __slots__ = ("n", "key", "sock", "cgroup", "tmpdir", "pidfd", "deadline", "timed_out",
+                 "relay", "used")
+
+    def __init__(self, n: int, key: str, sock: socket.socket, cgroup: str, tmpdir: str | None,
+                 spec: dict[str, Any]) -> None:
+        self.n = n
+        self.key = key
+        self.sock: socket.socket | None = sock  # None once the caller closed its end
+        self.cgroup: str | None = cgroup
+        self.tmpdir = tmpdir
+        self.pidfd = -1  # the payload's, once started
+        self.deadline: float | None = None
+        self.timed_out = False
+        self.relay = bool((spec.get("cgroup") or {}).get("relay"))
+        self.used = False  # the caller started a payload in it
+
+    def kill(self) -> None:
         if self.cgroup is not None:
             _cgroup_kill(self.cgroup)
 
@@ -201,6 +236,12 @@ class Zygote:
         # plan key → its seccomp BPF and parsed Landlock ruleset, made once per policy
         self.prepared: dict[str, tuple[bytes | None, Any]] = {}
         self.probe_json: dict[str, Any] | None = None
+        # Direct spawns: every prepared or running sandbox by number; the policies the caller
+        # spawns directly (lease id, spec), most recent last; when to prepare the next one.
+        self.direct: dict[int, _Direct] = {}
+        self.direct_count = 0
+        self.direct_keys: dict[str, tuple[str, dict[str, Any]]] = {}
+        self.direct_due: dict[str, float] = {}
         self.cgroups: Any = None  # confine.cgroups.CgroupSupport, detected at first need
         self.cg_dying: dict[str, float] = {}  # sandbox cgroups to remove → when to give up
         self.cg_retry = 0.0  # the next removal attempt
@@ -235,10 +276,15 @@ class Zygote:
                     kind, box = key.data
                     if kind == "child":
                         self._on_child(box)
-                    else:
+                    elif kind == "status":
                         self._on_status(box)
+                    elif kind == "direct":
+                        self._on_direct(box)
+                    else:
+                        self._on_direct_exit(box)
             self._expire()
             self._prefork_due()
+            self._prepare_direct_due()
             if self.cg_dying and time.monotonic() >= self.cg_retry:
                 self._remove_dying()
 
@@ -246,6 +292,9 @@ class Zygote:
         deadlines = [b.deadline for b in self.boxes.values()
                      if b.deadline is not None and not b.timed_out]
         deadlines += [when for when, _ in self.wanted.values()]
+        deadlines += [d.deadline for d in self.direct.values()
+                      if d.deadline is not None and not d.timed_out]
+        deadlines += self.direct_due.values()
         if self.cg_dying:
             deadlines.append(self.cg_retry)
         return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
@@ -256,6 +305,10 @@ class Zygote:
             if box.deadline is not None and not box.timed_out and box.deadline <= now:
                 box.timed_out = True
                 box.kill()
+        for d in self.direct.values():
+            if d.deadline is not None and not d.timed_out and d.deadline <= now:
+                d.timed_out = True
+                d.kill()
 
     def _on_control(self) -> bool:
         try:
@@ -274,6 +327,8 @@ class Zygote:
                 self._spawn(req, fds)
             elif op == "probe":
                 self._reply_probe(fds)
+            elif op == "direct":
+                self._direct_request(req, fds)
             elif op == "return":
                 self._return_lease(int(req.get("box") or 0))
                 for fd in fds:
@@ -493,6 +548,200 @@ class Zygote:
             self._remove_cgroup(box.cgroup)
             box.cgroup = None
 
+    # --- direct spawns ---------------------------------------------------------------------
+
+    def _direct_request(self, req: dict[str, Any], fds: list[int]) -> None:
+        """The caller has no prepared sandbox for a policy it spawns directly: prepare one now
+        (answered on the reply socket), and keep DIRECT_AHEAD more coming from now on."""
+        reply = fds[0]
+        for fd in fds[1:]:
+            os.close(fd)
+        spec = req["spec"]
+        key = str(req.get("key") or plan_key(spec))
+        lease = lease_id(key)
+        self.direct_keys.pop(key, None)
+        self.direct_keys[key] = (lease, spec)
+        while len(self.direct_keys) > MAX_WARM:
+            old = next(iter(self.direct_keys))
+            del self.direct_keys[old]
+            self.direct_due.pop(old, None)
+        try:
+            d, msg, send = self._new_direct(key, lease, spec)
+        except Exception as exc:
+            step = "cgroup" if isinstance(exc, _CgroupFailed) else "prepare"
+            self._send(reply, {"error": [step, getattr(exc, "errno", 0) or 0,
+                                         exc.strerror if isinstance(exc, _CgroupFailed)
+                                         else str(exc)]})
+            os.close(reply)
+            return
+        try:
+            self._send(reply, msg, send)
+        finally:
+            for fd in send:
+                os.close(fd)
+            os.close(reply)
+        self._want_direct(key, 0.0)
+
+    def _new_direct(self, key: str, lease: str, spec: dict[str, Any]
+                    ) -> tuple[_Direct, dict[str, Any], list[int]]:
+        """Prepare a sandbox for a direct spawn: (it, the lease message, the fds to send with
+        it: the caller's end of the lease socket, the cgroup's directory, the Landlock
+        ruleset). Raises _CgroupFailed or OSError; nothing is left behind then."""
+        from .confine import landlock
+
+        _, ruleset = self._prepared(key, spec)
+        tmpdir = cgroup = None
+        sent: list[int] = []
+        try:
+            if spec.get("private_tmpdir"):
+                tmpdir = tempfile.mkdtemp(prefix="tmp-", dir=self.base)
+                if spec.get("uid") is not None:
+                    os.chown(tmpdir, spec["uid"], spec["gid"])
+                if ruleset is not None:
+                    rule = landlock.PathRule(tmpdir, landlock.AccessFs(int(spec["tmp_access"])))
+                    ruleset = dataclasses.replace(ruleset, path_rules=(*ruleset.path_rules, rule))
+            cgroup = self._new_cgroup(spec["cgroup"])
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            sent.append(theirs.detach())
+            sent.append(os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+            if ruleset is not None:
+                sent.append(landlock.build_ruleset(ruleset))
+        except BaseException:
+            for fd in sent:
+                os.close(fd)
+            if tmpdir:
+                shutil.rmtree(tmpdir, ignore_errors=True)
+            if cgroup is not None:
+                self._remove_cgroup(cgroup)
+            raise
+        self.direct_count += 1
+        d = _Direct(self.direct_count, key, ours, cgroup, tmpdir, spec)
+        self.direct[d.n] = d
+        self.sel.register(ours, selectors.EVENT_READ, ("direct", d))
+        msg = {"direct": lease, "box": d.n, "tmpdir": tmpdir, "cgroup": cgroup,
+               "ruleset": ruleset is not None}
+        return d, msg, sent
+
+    def _want_direct(self, key: str, delay: float) -> None:
+        """Prepare the next sandbox for this policy `delay` from now (never later than already
+        planned), unless DIRECT_AHEAD wait unused."""
+        if key not in self.direct_keys:
+            return
+        waiting = sum(1 for d in self.direct.values() if d.key == key and d.pidfd < 0)
+        if waiting >= DIRECT_AHEAD:
+            self.direct_due.pop(key, None)
+            return
+        when = time.monotonic() + delay
+        self.direct_due[key] = min(when, self.direct_due.get(key, when))
+
+    def _prepare_direct_due(self) -> None:
+        """Prepare and send one sandbox whose time has come (none while a request or message
+        waits: the caller's spawn comes first)."""
+        now = time.monotonic()
+        for key, when in list(self.direct_due.items()):
+            if when > now:
+                continue
+            if self.sel.select(0):
+                return
+            del self.direct_due[key]
+            lease, spec = self.direct_keys[key]
+            try:
+                d, msg, send = self._new_direct(key, lease, spec)
+            except Exception:
+                continue  # the caller's next spawn asks, and learns why
+            try:
+                socket.send_fds(self.control, [json.dumps(msg).encode()], send,
+                                socket.MSG_DONTWAIT)
+            except OSError:
+                self._end_direct(d)  # the caller is not reading (or is gone)
+                return
+            finally:
+                for fd in send:
+                    os.close(fd)
+            self._want_direct(key, 0.0)
+            return
+
+    def _on_direct(self, d: _Direct) -> None:
+        """{"started": ...} + the payload's pidfd on a lease socket, or EOF: the caller is done
+        with the sandbox (we still watch a payload that runs)."""
+        if d.sock is None:
+            return
+        fds: list[int] = []
+        try:
+            data, fds = recv_fds(d.sock, MAX_MSG, 1, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            self._unregister(d.sock)
+            d.sock.close()
+            d.sock = None
+            if d.pidfd < 0:
+                self._end_direct(d)
+            return
+        try:
+            msg = json.loads(data)
+        except ValueError:
+            msg = {}
+        if "started" not in msg or d.pidfd >= 0 or not fds:
+            for fd in fds:
+                os.close(fd)
+            return
+        d.pidfd = fds[0]
+        d.used = True
+        for fd in fds[1:]:
+            os.close(fd)
+        timeout = msg.get("timeout")  # the request's: the plan key does not hold it
+        if timeout:
+            d.deadline = time.monotonic() + float(timeout)
+        self.sel.register(d.pidfd, selectors.EVENT_READ, ("direct-exit", d))
+        # Its replacement: at its exit, or after PREFORK_DELAY if it runs on.
+        self._want_direct(d.key, PREFORK_DELAY)
+
+    def _on_direct_exit(self, d: _Direct) -> None:
+        """The payload exited (its pidfd is readable): what it left behind is killed, the
+        caller learns whether the timeout ended it (and the cgroup's outcome)."""
+        self._unregister(d.pidfd)
+        d.kill()
+        done: dict[str, Any] = {"timed_out": d.timed_out}
+        if d.cgroup is not None:
+            from .confine import cgroups
+
+            try:
+                done["cgroup"] = cgroups.SandboxCgroup(d.cgroup).outcome().to_json()
+            except (OSError, ValueError):
+                done["cgroup"] = {}
+        if d.sock is not None:
+            try:
+                d.sock.send(json.dumps({"done": done}).encode(), socket.MSG_DONTWAIT)
+            except OSError:
+                pass
+        self._end_direct(d)
+
+    def _end_direct(self, d: _Direct) -> None:
+        """Remove the sandbox; a used one is replaced (REFILL_DELAY from now: not under the
+        caller's next spawn)."""
+        self.direct.pop(d.n, None)
+        if d.used:
+            self._want_direct(d.key, 0.0)
+        if d.sock is not None:
+            self._unregister(d.sock)
+            d.sock.close()
+            d.sock = None
+        if d.pidfd >= 0:
+            self._unregister(d.pidfd)
+            os.close(d.pidfd)
+            d.pidfd = -1
+        if d.tmpdir:
+            shutil.rmtree(d.tmpdir, ignore_errors=True)
+        if d.cgroup is not None:
+            d.kill()
+            self._remove_cgroup(d.cgroup)
+            d.cgroup = None
+
     # --- sandbox cgroups --------------------------------------------------------------------
 
     def _new_cgroup(self, want: dict[str, Any]) -> str:
@@ -705,7 +954,7 @@ class Zygote:
             return
         box.kill()
 
-    def _unregister(self, sock: socket.socket) -> None:
+    def _unregister(self, sock: socket.socket | int) -> None:
         try:
             self.sel.unregister(sock)
         except (KeyError, ValueError):
@@ -778,6 +1027,12 @@ class Zygote:
 
     def shutdown(self) -> None:
         cgroups = [b.cgroup for b in self.boxes.values() if b.cgroup is not None]
+        for d in self.direct.values():  # the caller is gone: so is every payload it started
+            d.kill()
+            if d.cgroup is not None:
+                cgroups.append(d.cgroup)
+            if d.tmpdir:
+                shutil.rmtree(d.tmpdir, ignore_errors=True)
         for ready in self.warm.values():
             for box in ready:
                 self._forget(box)

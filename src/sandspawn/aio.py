@@ -46,8 +46,6 @@ class Process:
         popen = self._popen
         if popen.poll() is not None:
             return popen.wait()
-        status = popen._status
-        assert status is not None
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
 
@@ -55,7 +53,7 @@ class Process:
             if not done.done():
                 done.set_result(None)
 
-        fd = status.fileno()
+        fd = popen._exit_fd()
         loop.add_reader(fd, ready)
         try:
             while popen.poll() is None:

@@ -118,6 +118,9 @@ class Plan:
     # else; killed with cgroup.kill), and the limits set on it: ("memory" | "pids", limit).
     cgroup: bool = False
     cgroup_limits: tuple[tuple[str, int], ...] = ()
+    # The landlock engine's payload is started by the caller itself (_direct.py), in a sandbox
+    # the zygote prepared: needs the spawn helper and a cgroup of its own per sandbox.
+    direct: bool = False
 
 
 @dataclass
@@ -362,8 +365,9 @@ def _plan_landlock(policy: Policy, probe: HostProbe, weaker: frozenset[str], cal
                                     controllers=controllers)
     env = policy.environment
     _environment(policy, lines, weaker)
-    _lifetime(policy, add, "zygote + PDEATHSIG + cgroup.kill" if own_cgroup
-              else "zygote + PDEATHSIG")
+    direct = own_cgroup and _direct_spawn(probe)
+    _lifetime(policy, add, "zygote + cgroup.kill" if direct
+              else "zygote + PDEATHSIG + cgroup.kill" if own_cgroup else "zygote + PDEATHSIG")
 
     if unusable:
         note = "".join(f"; the {name} engine cannot run here: {why}" for name, why, _ in unusable)
@@ -390,7 +394,19 @@ def _plan_landlock(policy: Policy, probe: HostProbe, weaker: frozenset[str], cal
         timeout=policy.lifetime.timeout,
         cgroup=own_cgroup,
         cgroup_limits=tuple(cg_limits),
+        direct=direct,
     )
+
+
+def _direct_spawn(probe: HostProbe) -> bool:
+    """Whether the landlock engine starts payloads from the caller: the spawn helper is there
+    and SANDSPAWN_DIRECT_SPAWN is not "0" (a switch for comparing the two ways)."""
+    if os.environ.get("SANDSPAWN_DIRECT_SPAWN") == "0":
+        return False
+    try:
+        return probe.fact("spawn_helper").available
+    except KeyError:
+        return False
 
 
 _RLIMITS = {"cpu_time": "RLIMIT_CPU", "file_size": "RLIMIT_FSIZE",

@@ -1445,6 +1445,19 @@ def _explain_bwrap(message: str, host: _Host, userns: Fact, mount_ns: Fact, pidn
 _WANTED_CONTROLLERS = ("memory", "pids", "cpu")
 
 
+def _spawn_helper_fact() -> Fact:
+    """Whether the landlock engine can start payloads from the caller (_direct.py): the C
+    helper is built at install, where a compiler is there."""
+    from . import _direct
+
+    if _direct.load() is None:
+        return Fact("spawn_helper", False, "not built", reason=_direct.why_not(),
+                    remedy="install a C compiler (Debian: gcc and libc6-dev) and reinstall "
+                    "sandspawn; without the helper the landlock engine starts each payload "
+                    "from a pre-forked child (slower, same restrictions)")
+    return Fact("spawn_helper", True, f"{_direct.library_path()}")
+
+
 def _cgroup2_fact() -> Fact:
     """Whether each sandbox can get its own cgroup v2 with memory.max, pids.max and cpu.max.
 
@@ -1579,6 +1592,7 @@ def probe_host() -> HostProbe:
         *ns_facts,
         _bwrap_fact(host, by_name["userns"], by_name["mount_ns"], by_name["pidns"]),
         _cgroup2_fact(),
+        _spawn_helper_fact(),
         _flatpak_fact(),
         _snap_fact(host),
         _container_fact(host),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import io
+import json
 import locale
 import os
 import select
@@ -18,7 +19,7 @@ import types
 from collections.abc import Iterable, Mapping, Sequence
 from typing import IO, Any
 
-from . import _heldgil
+from . import _direct, _heldgil
 from ._zygote import lease_id, plan_key
 from .engines import zygote
 from .errors import SpawnError, spawn_error
@@ -35,6 +36,9 @@ STDOUT = subprocess.STDOUT
 # _heldgil). A request that went through the zygote may wait for a fork: it waits as usual.
 START_HOLD = 0.010
 EXIT_HOLD = 0.002
+# How long wait() waits for the zygote's word on a direct sandbox that has exited (whether its
+# timeout ended it, the cgroup's outcome); the zygote sends it as soon as the pidfd tells it.
+DONE_WAIT = 5.0
 
 _probe_cache: HostProbe | None = None
 
@@ -126,7 +130,13 @@ class Popen:
         self.stdout: IO[Any] | None = None
         self.stderr: IO[Any] | None = None
         self._status: socket.socket | None = None
+        self._lease: zygote.DirectLease | None = None  # a direct spawn's, until reaped
+        self._relay = False  # the zygote tells a direct payload's cgroup outcome
+        self._killed = False  # kill() was called
         self.pidfd: int | None = None
+        self.pid = 0
+        if _unreaped:
+            _reap_dropped()
         prepared = _prepare(resolve_policy(policy, params), engine, allow_weaker, env, uid, gid)
         self.plan = prepared.plan
         self.report: Report = self.plan.report
@@ -149,20 +159,12 @@ class Popen:
                 os.fstat(fd)  # EBADF now, not in the child
                 fd_map.append((len(send), fd))
                 send.append(fd)
-            request = _request(self.args, executable, cwd, fd_map)
-            client = zygote.client()
-            lease = prepared.lease
-            while True:
-                status, leased = client.spawn(prepared.key, lease, prepared.spec, request, send)
-                msg, fds = _first_message(status, leased)
-                if msg is None and leased and client.alive():
-                    # EOF, and no word from the zygote: the leased child died before it took
-                    # the request (once it has, the zygote holds the status socket and says
-                    # what happened). Nothing ran: once more, through the zygote.
-                    _heldgil.close_socket(status)
-                    lease = ""
-                    continue
-                break
+            started = None
+            if prepared.direct is not None:
+                self._start_direct(prepared, executable, cwd,
+                                   [(send[i], target) for i, target in fd_map])
+            else:
+                started = self._start_through_zygote(prepared, executable, cwd, fd_map, send)
         except BaseException:
             for _, fd in parent_ends:
                 os.close(fd)
@@ -170,6 +172,75 @@ class Popen:
         finally:
             for fd in to_close:
                 _heldgil.close(fd)
+        if started is not None:
+            self._finish_start(*started, executable, cwd, parent_ends)
+        for name, fd in parent_ends:
+            setattr(self, name, self._wrap(fd, name == "stdin"))
+
+    def _start_through_zygote(self, prepared: _Prepared, executable: str,
+                              cwd: str | os.PathLike[str] | None, fd_map: list[tuple[int, int]],
+                              send: list[int]
+                              ) -> tuple[dict[str, Any] | None, list[int], socket.socket]:
+        """The request goes to a pre-forked child (leased, or through the zygote); returns
+        its first message (None: the zygote died), its fds and our end of the status socket."""
+        request = _request(self.args, executable, cwd, fd_map)
+        client = zygote.client()
+        lease = prepared.lease
+        while True:
+            status, leased = client.spawn(prepared.key, lease, prepared.spec, request, send)
+            msg, fds = _first_message(status, leased)
+            if msg is None and leased and client.alive():
+                # EOF, and no word from the zygote: the leased child died before it took
+                # the request (once it has, the zygote holds the status socket and says
+                # what happened). Nothing ran: once more, through the zygote.
+                _heldgil.close_socket(status)
+                lease = ""
+                continue
+            return msg, fds, status
+
+    def _start_direct(self, prepared: _Prepared, executable: str,
+                      cwd: str | os.PathLike[str] | None, fd_map: list[tuple[int, int]]) -> None:
+        """Start the payload from here (_direct.py) in a sandbox the zygote prepared."""
+        assert prepared.direct is not None
+        client = zygote.client()
+        lease = client.direct_lease(prepared.key, prepared.lease, prepared.spec)
+        env = self.plan.env if not lease.tmpdir else {**self.plan.env, "TMPDIR": lease.tmpdir}
+        try:
+            pid, pidfd = prepared.direct.spawn(
+                executable, self.args, env, fd_map,
+                os.fspath(cwd) if cwd is not None else os.getcwd(), cwd is None,
+                lease.ruleset_fd, lease.cgroup_fd)
+        except _direct.DirectSpawnFailed as exc:
+            client.release(lease)  # unused: the zygote removes the sandbox
+            detail = str(exc.strerror)
+            if exc.step == "execve" and exc.errno == errno.EACCES:
+                detail += f" (is {executable} under a path with exec access in the policy?)"
+            raise spawn_error(exc.step, exc.errno or 0, detail,
+                              filename=str(cwd) if exc.step == "chdir" and cwd else executable
+                              ) from None
+        except BaseException:
+            client.release(lease)
+            raise
+        lease.close_fds()
+        self._lease = lease
+        self._relay = bool((prepared.spec.get("cgroup") or {}).get("relay"))
+        self.pidfd = pidfd
+        self.pid = pid
+        try:
+            # From here the zygote watches the payload: its timeout, its exit (whatever it left
+            # behind is killed then), and our death.
+            _heldgil.send_fds(lease.sock.fileno(), json.dumps(
+                {"started": pid, "timeout": self.plan.timeout}).encode(), [pidfd])
+        except BaseException as exc:
+            self.kill()
+            self.wait()
+            if isinstance(exc, OSError):
+                raise SpawnError("zygote", 0, "the zygote died as the sandbox started") from None
+            raise
+
+    def _finish_start(self, msg: dict[str, Any] | None, fds: list[int], status: socket.socket,
+                      executable: str, cwd: str | os.PathLike[str] | None,
+                      parent_ends: list[tuple[str, int]]) -> None:
         self._status = status
         if msg is None or "started" not in msg:
             status.close()
@@ -186,7 +257,7 @@ class Popen:
             raise spawn_error(step, err, detail,
                               filename=str(cwd) if step == "chdir" and cwd else executable)
         self.pidfd = fds[0] if fds else None
-        self.pid: int = int(msg["started"])
+        self.pid = int(msg["started"])
         try:
             if msg.get("ack") and self.pidfd is not None:
                 # A namespace sandbox's pid 1 cannot know the payload's pid out here: the
@@ -201,8 +272,6 @@ class Popen:
         finally:
             for fd in fds[1:]:
                 _heldgil.close(fd)  # the ack socket: closing it is the ack
-        for name, fd in parent_ends:
-            setattr(self, name, self._wrap(fd, name == "stdin"))
 
     def _child_fd(self, target: int, spec: _StdSpec, name: str, to_close: list[int],
                   parent_ends: list[tuple[str, int]], send: list[int]) -> int:
@@ -268,10 +337,60 @@ class Popen:
             _heldgil.close(self.pidfd)
             self.pidfd = None
 
+    def _on_direct_exit(self, status: int) -> None:
+        """Our direct payload is reaped: its status, and from the zygote whether the timeout
+        ended it and the cgroup's outcome (only waited for when the plan can have them)."""
+        lease = self._lease
+        assert lease is not None
+        msg: dict[str, Any] | None = None
+        if self.plan.timeout or self._relay or self._killed:
+            try:
+                msg, fds = zygote.read_message(lease.sock, timeout=DONE_WAIT)
+                for fd in fds:
+                    _heldgil.close(fd)
+            except (OSError, ValueError):
+                msg = None  # the zygote died, or is stuck: nothing more to learn
+        done = msg.get("done") if isinstance(msg, dict) else None
+        outcome = None
+        if isinstance(done, dict):
+            self.timed_out = bool(done.get("timed_out"))
+            outcome = done.get("cgroup")
+        if isinstance(outcome, dict):
+            self.cgroup_outcome = {str(k): int(v) for k, v in outcome.items()}
+            self.oom_killed = bool(self.cgroup_outcome.get("oom_kills")
+                                   or self.cgroup_outcome.get("oom_group_kills"))
+        self.returncode = (-os.WTERMSIG(status) if os.WIFSIGNALED(status)
+                           else os.WEXITSTATUS(status))
+        self._lease = None
+        zygote.client().release(lease)
+        self._close_status()
+
+    def _reap_direct(self, timeout: float | None) -> bool:
+        """Wait up to `timeout` (None: for ever) for the direct payload; True once reaped."""
+        assert self.pidfd is not None
+        status = _direct.wait_status(self.pidfd, block=False)
+        if status is None and timeout != 0:
+            hold = EXIT_HOLD if timeout is None else min(EXIT_HOLD, timeout)
+            if _heldgil.poll_in(self.pidfd, hold):
+                status = _direct.wait_status(self.pidfd, block=False)
+            elif timeout is None:
+                status = _direct.wait_status(self.pidfd, block=True)
+            else:
+                poller = select.poll()
+                poller.register(self.pidfd, select.POLLIN)
+                if poller.poll(max(0.0, timeout - hold) * 1000):
+                    status = _direct.wait_status(self.pidfd, block=False)
+        if status is None:
+            return False
+        self._on_direct_exit(status)
+        return True
+
     def poll(self) -> int | None:
         if self.returncode is None and self._waitlock.acquire(blocking=False):
             try:
-                if self.returncode is None and self._status is not None:
+                if self.returncode is None and self._lease is not None:
+                    self._reap_direct(0)
+                elif self.returncode is None and self._status is not None:
                     try:
                         msg, _ = zygote.read_message(self._status, timeout=0)
                     except (TimeoutError, BlockingIOError):
@@ -288,7 +407,12 @@ class Popen:
             if not self._waitlock.acquire(timeout=-1 if timeout is None else max(0, timeout)):
                 raise subprocess.TimeoutExpired(self.args, timeout or 0)
             try:
-                if self.returncode is None and self._status is not None:
+                if self.returncode is None and self._lease is not None:
+                    remaining = (None if deadline is None
+                                 else max(0.0, deadline - time.monotonic()))
+                    if not self._reap_direct(remaining):
+                        raise subprocess.TimeoutExpired(self.args, timeout or 0)
+                elif self.returncode is None and self._status is not None:
                     remaining = (None if deadline is None
                                  else max(0.0, deadline - time.monotonic()))
                     soon = zygote.read_message_soon(
@@ -322,6 +446,11 @@ class Popen:
 
     def kill(self) -> None:
         """Kill the whole sandbox."""
+        lease = self._lease
+        if self.returncode is None and lease is not None:
+            self._killed = True
+            zygote.kill_cgroup(lease.cgroup)
+            return
         status = self._status
         if self.returncode is None and status is not None:
             try:
@@ -431,11 +560,41 @@ class Popen:
                 stream.close()
         self.wait()
 
+    def _exit_fd(self) -> int:
+        """A descriptor that becomes readable when the sandbox has exited (for event loops)."""
+        if self._lease is not None and self.pidfd is not None:
+            return self.pidfd
+        assert self._status is not None
+        return self._status.fileno()
+
     def __del__(self) -> None:
         try:
+            if self._lease is not None and self.pidfd is not None:
+                # Dropped while it runs: the zygote still watches it; we reap it later.
+                _unreaped.append((self.pidfd, self._lease))
+                self.pidfd = None
+                self._lease = None
             self._close_status()
         except Exception:
             pass
+
+
+# Direct payloads whose Popen was dropped before they were reaped (they are our children):
+# (pidfd, lease), reaped when a later Popen starts, as subprocess does with its _active list.
+_unreaped: list[tuple[int, zygote.DirectLease]] = []
+
+
+def _reap_dropped() -> None:
+    for item in list(_unreaped):
+        pidfd, lease = item
+        try:
+            if _direct.wait_status(pidfd, block=False) is None:
+                continue
+        except OSError:
+            pass  # reaped by someone else: nothing left to wait for
+        _unreaped.remove(item)
+        zygote.client().release(lease)
+        _heldgil.close(pidfd)
 
 
 def run(
@@ -515,7 +674,7 @@ def _which(program: str, env: Mapping[str, str]) -> str:
 class _Prepared:
     """A plan and what the zygote needs of it, computed once per policy and caller context."""
 
-    __slots__ = ("plan", "spec", "key", "lease")
+    __slots__ = ("plan", "spec", "key", "lease", "direct")
 
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
@@ -523,10 +682,19 @@ class _Prepared:
         # The zygote keeps one pre-forked child per key: what the child is restricted for.
         self.key = plan_key(self.spec)
         self.lease = lease_id(self.key)
+        self.direct = _direct_spawner(plan) if plan.direct else None
 
 
 _prepared: dict[tuple[Any, ...], _Prepared] = {}
 _PREPARED_MAX = 32
+
+
+def _direct_spawner(plan: Plan) -> _direct.Spawner:
+    from .confine import caps, seccomp
+
+    bpf = seccomp.compile_bpf(plan.seccomp) if plan.seccomp is not None else None
+    bounding = caps.last_cap() if plan.uid is not None and caps.has_setpcap() else -1
+    return _direct.Spawner(bpf, plan.uid, plan.gid, bounding, list(plan.rlimits))
 
 
 def _prepare(policy: Policy, engine: str, allow_weaker: Iterable[str],
@@ -534,7 +702,8 @@ def _prepare(policy: Policy, engine: str, allow_weaker: Iterable[str],
     """make_plan, remembered: a plan depends only on these, the host probe and our euid."""
     caller_env = dict(os.environ if env is None else env)
     weaker = frozenset(allow_weaker)
-    key = (policy, engine, weaker, uid, gid, os.geteuid(), tuple(sorted(caller_env.items())))
+    key = (policy, engine, weaker, uid, gid, os.geteuid(), tuple(sorted(caller_env.items())),
+           os.environ.get("SANDSPAWN_DIRECT_SPAWN"))
     try:
         found = _prepared.get(key)
     except TypeError:  # a Policy subclass or field that is not hashable: plan every time
@@ -591,6 +760,7 @@ def _plan_spec(plan: Plan) -> dict[str, Any]:
         "inside_uid": plan.inside_uid,
         "inside_gid": plan.inside_gid,
         "bwrap": plan.bwrap.to_json() if plan.bwrap is not None else None,
+        "direct": plan.direct,
         # relay: the exit reaches the caller through the zygote, with the cgroup's outcome
         # (only worth the extra hop when limits can be hit)
         "cgroup": ({"limits": [list(x) for x in plan.cgroup_limits],

@@ -255,6 +255,12 @@ TABLE: tuple[Meaning, ...] = (
        "every process of the sandbox's own cgroup v2 is killed (cgroup.kill), including ones "
        "that left its process group or session (setsid); nothing it started outlives the "
        "caller."),
+    _M("lifetime", "die-with-caller", "zygote + cgroup.kill", True,
+       "The payload is killed when its caller exits, even by SIGKILL: the zygote, which "
+       "outlives the caller, kills every process of the sandbox's own cgroup v2 (cgroup.kill), "
+       "including ones that left its process group or session (setsid); if the zygote dies "
+       "first, the caller kills them. On timeout or kill() the whole cgroup is killed. Only "
+       "the caller and the zygote killed at the same moment would leave it running."),
     _M("lifetime", "die-with-caller", "pid namespace", True,
        "The whole sandbox (every process in its pid namespace) is killed when its caller exits, "
        "even by SIGKILL, and on timeout or kill()."),

@@ -399,6 +399,7 @@ CHECKS: dict[str, dict[str, Predicate]] = {
         "pid namespace": die_with_caller,
         "zygote + PDEATHSIG": die_with_caller,
         "zygote + PDEATHSIG + cgroup.kill": die_with_caller,
+        "zygote + cgroup.kill": die_with_caller,
         "bwrap --die-with-parent + pid namespace": die_with_caller,
     },
 }

@@ -5,6 +5,7 @@ docs/environments.md is its rendering (render_table.py).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -87,8 +88,17 @@ class Expect:
         """The report `caller` gets: `lines`, with the cgroup's lifetime where it has one."""
         out = dict(self.lines)
         if caller in self.cgroup_callers and out["lifetime"] == LANDLOCK["lifetime"]:
-            out["lifetime"] = ("enforced", "zygote + PDEATHSIG + cgroup.kill")
+            # With the spawn helper the caller starts the payload (sandspawn._direct).
+            out["lifetime"] = ("enforced", "zygote + cgroup.kill" if direct_spawn()
+                               else "zygote + PDEATHSIG + cgroup.kill")
         return out
+
+
+def direct_spawn() -> bool:
+    """Whether the landlock engine starts payloads from the caller here (given a cgroup)."""
+    from sandspawn import _direct
+
+    return _direct.load() is not None and os.environ.get("SANDSPAWN_DIRECT_SPAWN") != "0"
 
 
 BWRAP: Mapping[str, Cell] = {

@@ -14,7 +14,7 @@ from typing import Any
 
 from .. import _heldgil
 from .._fdpass import pack, recv_fds
-from ..errors import SpawnError
+from ..errors import SpawnError, spawn_error
 
 _PKG_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Runs under `python -I -S`: no site, no user environment; only our package's parent on sys.path.
@@ -25,6 +25,42 @@ _BOOT = (
 MAX_MSG = 1 << 20
 # Policies we keep a leased child for (the zygote keeps as many with pre-forked children).
 MAX_LEASES = 4
+# Prepared sandboxes we keep per policy spawned directly (the zygote sends this many ahead).
+DIRECT_AHEAD = 3
+
+
+class DirectLease:
+    """A sandbox the zygote prepared for a direct spawn (see _zygote._Direct): its cgroup
+    (directory path and an fd of it), private /tmp, Landlock ruleset fd, and our end of its
+    lease socket."""
+
+    __slots__ = ("sock", "box", "tmpdir", "cgroup", "cgroup_fd", "ruleset_fd")
+
+    def __init__(self, msg: dict[str, Any], fds: list[int]) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fileno=fds[0])
+        self.box = int(msg["box"])
+        self.tmpdir: str | None = msg.get("tmpdir")
+        self.cgroup = str(msg["cgroup"])
+        self.cgroup_fd = fds[1]
+        self.ruleset_fd = fds[2] if msg.get("ruleset") else -1
+
+    @staticmethod
+    def valid(msg: dict[str, Any], fds: list[int]) -> bool:
+        return (isinstance(msg.get("box"), int) and isinstance(msg.get("cgroup"), str)
+                and len(fds) == (3 if msg.get("ruleset") else 2))
+
+    def close_fds(self) -> None:
+        """The cgroup and ruleset fds, once the payload runs (or will not)."""
+        for fd in (self.cgroup_fd, self.ruleset_fd):
+            if fd >= 0:
+                _heldgil.close(fd)
+        self.cgroup_fd = self.ruleset_fd = -1
+
+    def close(self) -> None:
+        """Let go: unused, the zygote removes the sandbox; used, it keeps watching it."""
+        self.close_fds()
+        if self.sock.fileno() >= 0:
+            _heldgil.close_socket(self.sock)
 
 
 class ZygoteClient:
@@ -32,6 +68,7 @@ class ZygoteClient:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._live_lock = threading.Lock()
         self._sock: socket.socket | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._owner_pid = 0
@@ -41,6 +78,11 @@ class ZygoteClient:
         # ready child for that policy, the child's pid): a lease. A request sent there skips
         # the zygote. Least recently used first.
         self._leases: dict[str, tuple[socket.socket, int]] = {}
+        # lease id → sandboxes prepared for direct spawns of that policy (least recently used
+        # policy first), and the cgroups of direct sandboxes that may be running: if the
+        # zygote dies, we kill those (it can no longer kill them when we die).
+        self._direct: dict[str, list[DirectLease]] = {}
+        self._live: set[str] = set()
 
     def _start(self) -> socket.socket:
         # The zygote keeps its sandboxes' private temporary directories under this one, so
@@ -61,8 +103,16 @@ class ZygoteClient:
         self._sock = ours
         self._owner_pid = os.getpid()
         self._pidfd = os.pidfd_open(self._proc.pid)
-        threading.Thread(target=self._proc.wait, daemon=True).start()  # reap it when it exits
+        # Reap it when it exits, and kill the direct sandboxes it was watching for us.
+        threading.Thread(target=self._watch, args=(self._proc,), daemon=True).start()
         return ours
+
+    def _watch(self, proc: subprocess.Popen[bytes]) -> None:
+        proc.wait()
+        with self._live_lock:
+            live = list(self._live)
+        for path in live:
+            kill_cgroup(path)
 
     def _control(self) -> socket.socket:
         if self._sock is not None and self._owner_pid == os.getpid() and self._exited():
@@ -78,12 +128,16 @@ class ZygoteClient:
         for lease, _ in self._leases.values():
             _heldgil.close_socket(lease)
         self._leases.clear()
+        for prepared in self._direct.values():
+            for direct in prepared:
+                direct.close()
+        self._direct.clear()
 
     def _collect_leases(self, sock: socket.socket) -> None:
         """Take the leases the zygote sent since we last looked (never blocks)."""
         while True:
             try:
-                data, fds = _heldgil.recv_fds(sock.fileno(), MAX_MSG, 1)
+                data, fds = _heldgil.recv_fds(sock.fileno(), MAX_MSG, 3)
             except BlockingIOError:
                 return
             except OSError:
@@ -94,6 +148,9 @@ class ZygoteClient:
                 return
             try:
                 msg = json.loads(data)
+                if "direct" in msg:
+                    self._keep_direct(msg, fds)
+                    continue
                 lease_id, box = str(msg["lease"]), int(msg["box"])
             except (ValueError, KeyError, TypeError):
                 msg = None
@@ -110,6 +167,57 @@ class ZygoteClient:
             self._leases[lease_id] = (lease, box)
             while len(self._leases) > MAX_LEASES:
                 self._give_back(sock, self._leases.pop(next(iter(self._leases))))
+
+    def _keep_direct(self, msg: dict[str, Any], fds: list[int]) -> None:
+        if not DirectLease.valid(msg, fds):
+            for fd in fds:
+                _heldgil.close(fd)
+            return
+        lease_id = str(msg["direct"])
+        kept = self._direct.pop(lease_id, [])
+        kept.append(DirectLease(msg, fds))
+        self._direct[lease_id] = kept
+        while len(kept) > DIRECT_AHEAD:
+            kept.pop(0).close()
+        while len(self._direct) > MAX_LEASES:
+            for old in self._direct.pop(next(iter(self._direct))):
+                old.close()
+
+    def direct_lease(self, key: str, lease_id: str, spec: dict[str, Any]) -> DirectLease:
+        """A sandbox prepared for a direct spawn of this policy: one the zygote sent ahead, else
+        one it prepares now. Its cgroup counts as live until released (see release)."""
+        with self._lock:
+            self._collect_leases(self._control())
+            kept = self._direct.get(lease_id)
+            lease = kept.pop(0) if kept else None
+        if lease is None:
+            sock = self.request({"op": "direct", "key": key, "spec": spec}, [])
+            try:
+                msg, fds = read_message(sock)
+            finally:
+                sock.close()
+            if msg is None:
+                raise SpawnError("zygote", 0, "the zygote died while preparing the sandbox")
+            if "error" in msg:
+                for fd in fds:
+                    os.close(fd)
+                step, err, detail = msg["error"]
+                raise spawn_error(str(step), int(err), str(detail))
+            if not DirectLease.valid(msg, fds):
+                for fd in fds:
+                    os.close(fd)
+                raise SpawnError("zygote", 0, f"a bad answer from the zygote: {msg!r}")
+            lease = DirectLease(msg, fds)
+        with self._live_lock:
+            self._live.add(lease.cgroup)
+        return lease
+
+    def release(self, lease: DirectLease) -> None:
+        """Close what we hold of a direct sandbox, once its payload is reaped or if it never
+        started (the zygote then removes it)."""
+        with self._live_lock:
+            self._live.discard(lease.cgroup)
+        lease.close()
 
     def _give_back(self, control: socket.socket, lease: tuple[socket.socket, int]) -> None:
         """Close our copy first: the zygote then retires that child (and only that one)."""
@@ -231,6 +339,8 @@ class ZygoteClient:
         parent died; its leases are the parent's to use. The copy starts its own zygote if it
         spawns."""
         self._lock = threading.Lock()  # another thread may have held it at the fork
+        self._live_lock = threading.Lock()
+        self._live = set()  # the parent's sandboxes: not ours to kill
         self._drop_leases()
         if self._sock is not None:
             _heldgil.close_socket(self._sock)
@@ -244,6 +354,16 @@ class ZygoteClient:
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
+
+
+def kill_cgroup(path: str) -> None:
+    """SIGKILL every process of a direct sandbox's cgroup (gone already: nothing to do)."""
+    from ..confine import cgroups
+
+    try:
+        cgroups.SandboxCgroup(path).kill()
+    except OSError:
+        pass
 
 
 def read_message_soon(sock: socket.socket, hold: float
