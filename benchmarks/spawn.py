@@ -31,6 +31,19 @@ BWRAP_ROOT = ["--ro-bind", "/usr", "/usr", "--symlink", "usr/lib", "/lib",
               "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
 
 
+PREFORKED = "sandspawn landlock engine, pre-forked children (SANDSPAWN_DIRECT_SPAWN=0)"
+
+
+def _preforked() -> int:
+    os.environ["SANDSPAWN_DIRECT_SPAWN"] = "0"  # part of the plan's cache key: its own plan
+    try:
+        return sandspawn.run([TRUE], "strict", allow_weaker={"processes"}, engine="landlock",
+                             cwd="/", stdin=sandspawn.DEVNULL, stdout=sandspawn.DEVNULL
+                             ).returncode
+    finally:
+        del os.environ["SANDSPAWN_DIRECT_SPAWN"]
+
+
 def cases() -> dict[str, Callable[[], int]]:
     out: dict[str, Callable[[], int]] = {
         "plain subprocess.run": lambda: subprocess.run(
@@ -42,6 +55,10 @@ def cases() -> dict[str, Callable[[], int]]:
             [TRUE], "strict", allow_weaker={"processes"}, engine="landlock", cwd="/",
             stdin=sandspawn.DEVNULL, stdout=sandspawn.DEVNULL).returncode,
     }
+    if sandspawn.explain("strict", engine="landlock", allow_weaker={"processes"}).direct:
+        # The same engine the way it starts payloads without the spawn helper or a cgroup.
+        out[PREFORKED] = _preforked
+
     bwrap = shutil.which("bwrap")
     if bwrap:
         argv = [bwrap, "--unshare-all", "--die-with-parent", "--new-session", *BWRAP_ROOT, TRUE]
