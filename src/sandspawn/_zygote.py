@@ -75,6 +75,10 @@ REFILL_DELAY = 0.002
 PREPARED_MAX = 32  # policies whose seccomp BPF and Landlock ruleset we keep
 # Sandboxes prepared ahead for the caller's direct spawns, per policy (see _Direct).
 DIRECT_AHEAD = 3
+# A direct payload's exit is handled this long after we see it (unless the caller waits for
+# our word): the caller, woken by the same exit, comes first. Handled at once, our work (kill,
+# cleanup, the next sandbox) held the caller's wake-up back by ~0.3 ms.
+EXIT_DEFER = 0.001
 # What a pre-forked child is specialised for; everything else comes with the exec request.
 PLAN_KEYS = ("engine", "landlock", "seccomp", "uid", "gid", "rlimits", "private_tmpdir",
               "tmp_access", "namespaces", "mounts", "hostname", "loopback", "inside_uid",
@@ -136,12 +140,13 @@ class _Direct:
     On that socket the caller says {"started": pid, "timeout": seconds or null} with the
     payload's pidfd. We watch the pidfd: once the payload has exited we kill whatever it left
     in the cgroup (as a pre-forked child's process group is killed), answer {"done":
-    {"timed_out": bool, "cgroup": outcome}}, and remove the sandbox. EOF before "started"
-    means the sandbox was not used. We also kill the cgroup when the timeout comes and when the
-    caller dies; the caller itself kills it on kill()."""
+    {"timed_out": bool, "cgroup": outcome}} (the outcome with limits, or after a timeout or a
+    kill), and remove the sandbox. EOF before "started" means the sandbox was not used. We
+    also kill the cgroup when the timeout comes, when the caller says {"kill": true} (its
+    kill()), and when the caller dies."""
 
     __slots__ = ("n", "key", "sock", "cgroup", "tmpdir", "pidfd", "deadline", "timed_out",
-                 "relay", "used")
+                 "relay", "used", "killed", "exited")
 
     def __init__(self, n: int, key: str, sock: socket.socket, cgroup: str, tmpdir: str | None,
                  spec: dict[str, Any]) -> None:
@@ -155,6 +160,8 @@ class _Direct:
         self.timed_out = False
         self.relay = bool((spec.get("cgroup") or {}).get("relay"))
         self.used = False  # the caller started a payload in it
+        self.killed = False  # the caller asked us to kill it ({"kill": true})
+        self.exited: float | None = None  # when to handle the payload's exit (EXIT_DEFER)
 
     def kill(self) -> None:
         if self.cgroup is not None:
@@ -213,6 +220,15 @@ def lease_id(key: str) -> str:
     import hashlib
 
     return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def _remove_tmpdir(path: str) -> None:
+    """A sandbox's private /tmp: one rmdir when it was left empty (the usual case, 4x cheaper
+    than rmtree's walk), else the whole tree."""
+    try:
+        os.rmdir(path)
+    except OSError:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _waitpid_quiet(pid: int) -> None:
@@ -281,9 +297,10 @@ class Zygote:
                     elif kind == "direct":
                         self._on_direct(box)
                     else:
-                        self._on_direct_exit(box)
+                        self._direct_exited(box)
             self._expire()
             self._prefork_due()
+            self._direct_exits_due()
             self._prepare_direct_due()
             if self.cg_dying and time.monotonic() >= self.cg_retry:
                 self._remove_dying()
@@ -295,6 +312,7 @@ class Zygote:
         deadlines += [d.deadline for d in self.direct.values()
                       if d.deadline is not None and not d.timed_out]
         deadlines += self.direct_due.values()
+        deadlines += [d.exited for d in self.direct.values() if d.exited is not None]
         if self.cg_dying:
             deadlines.append(self.cg_retry)
         return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
@@ -542,7 +560,7 @@ class Zygote:
             box.sock_open = False
         self.boxes.pop(box.pid, None)
         if box.tmpdir:
-            shutil.rmtree(box.tmpdir, ignore_errors=True)
+            _remove_tmpdir(box.tmpdir)
         if box.cgroup is not None:
             _cgroup_kill(box.cgroup)  # a warm child's sandbox never started: nothing to report
             self._remove_cgroup(box.cgroup)
@@ -686,6 +704,9 @@ class Zygote:
             msg = json.loads(data)
         except ValueError:
             msg = {}
+        if msg.get("kill") and d.pidfd >= 0:
+            d.killed = True
+            d.kill()
         if "started" not in msg or d.pidfd >= 0 or not fds:
             for fd in fds:
                 os.close(fd)
@@ -701,13 +722,27 @@ class Zygote:
         # Its replacement: at its exit, or after PREFORK_DELAY if it runs on.
         self._want_direct(d.key, PREFORK_DELAY)
 
+    def _direct_exited(self, d: _Direct) -> None:
+        """The payload's pidfd is readable: handle its exit now if the caller waits for our
+        word, else EXIT_DEFER from now."""
+        self._unregister(d.pidfd)
+        if d.relay or d.timed_out or d.killed or d.sock is None:
+            self._on_direct_exit(d)
+        else:
+            d.exited = time.monotonic() + EXIT_DEFER
+
+    def _direct_exits_due(self) -> None:
+        now = time.monotonic()
+        for d in [d for d in self.direct.values() if d.exited is not None and d.exited <= now]:
+            self._on_direct_exit(d)
+
     def _on_direct_exit(self, d: _Direct) -> None:
         """The payload exited (its pidfd is readable): what it left behind is killed, the
         caller learns whether the timeout ended it (and the cgroup's outcome)."""
-        self._unregister(d.pidfd)
+        d.exited = None
         d.kill()
         done: dict[str, Any] = {"timed_out": d.timed_out}
-        if d.cgroup is not None:
+        if d.cgroup is not None and (d.relay or d.timed_out or d.killed):
             from .confine import cgroups
 
             try:
@@ -736,7 +771,7 @@ class Zygote:
             os.close(d.pidfd)
             d.pidfd = -1
         if d.tmpdir:
-            shutil.rmtree(d.tmpdir, ignore_errors=True)
+            _remove_tmpdir(d.tmpdir)
         if d.cgroup is not None:
             d.kill()
             self._remove_cgroup(d.cgroup)

@@ -237,6 +237,7 @@ class Popen:
             if isinstance(exc, OSError):
                 raise SpawnError("zygote", 0, "the zygote died as the sandbox started") from None
             raise
+        client.top_up()
 
     def _finish_start(self, msg: dict[str, Any] | None, fds: list[int], status: socket.socket,
                       executable: str, cwd: str | os.PathLike[str] | None,
@@ -449,7 +450,10 @@ class Popen:
         lease = self._lease
         if self.returncode is None and lease is not None:
             self._killed = True
-            zygote.kill_cgroup(lease.cgroup)
+            try:  # the zygote kills it, and tells the cgroup's outcome with "done"
+                _heldgil.send_fds(lease.sock.fileno(), b'{"kill": true}', [])
+            except OSError:  # gone, or stuck: we kill it ourselves
+                zygote.kill_cgroup(lease.cgroup)
             return
         status = self._status
         if self.returncode is None and status is not None:

@@ -187,8 +187,11 @@ class ZygoteClient:
         """A sandbox prepared for a direct spawn of this policy: one the zygote sent ahead, else
         one it prepares now. Its cgroup counts as live until released (see release)."""
         with self._lock:
-            self._collect_leases(self._control())
+            control = self._control()
             kept = self._direct.get(lease_id)
+            if not kept:  # else the rest is picked up after the spawn (top_up)
+                self._collect_leases(control)
+                kept = self._direct.get(lease_id)
             lease = kept.pop(0) if kept else None
         if lease is None:
             sock = self.request({"op": "direct", "key": key, "spec": spec}, [])
@@ -211,6 +214,13 @@ class ZygoteClient:
         with self._live_lock:
             self._live.add(lease.cgroup)
         return lease
+
+    def top_up(self) -> None:
+        """Pick up the sandboxes the zygote prepared since (never blocks): called once the
+        payload runs, so that the next spawn finds them without reading the control socket."""
+        with self._lock:
+            if self._sock is not None and self._owner_pid == os.getpid():
+                self._collect_leases(self._sock)
 
     def release(self, lease: DirectLease) -> None:
         """Close what we hold of a direct sandbox, once its payload is reaped or if it never
