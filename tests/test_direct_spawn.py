@@ -301,3 +301,32 @@ def test_an_unprivileged_caller_with_a_delegated_cgroup_spawns_directly(direct: 
             cgroups.SandboxCgroup(sub).remove(timeout=5)
         if os.path.isdir(home):
             shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.mark.parametrize("helper,switch,direct", [(True, None, True), (False, None, False),
+                                                  (True, "0", False)])
+def test_the_plan_says_how_the_payload_starts(monkeypatch: pytest.MonkeyPatch, helper: bool,
+                                              switch: str | None, direct: bool) -> None:
+    """Direct only with the helper and a cgroup per sandbox; the report's lifetime mechanism
+    says which."""
+    import dataclasses
+
+    from sandspawn.plan import make_plan
+    from sandspawn.policy import Policy
+    from sandspawn.probe import Fact
+
+    probe = sandspawn.process.host_probe()
+    facts = [f for f in probe.facts if f.name not in ("spawn_helper", "cgroup2")]
+    facts.append(Fact("spawn_helper", helper, "test"))
+    facts.append(Fact("cgroup2", True, "test", data={"sandbox_cgroups": True,
+                                                     "controllers": []}))
+    host = dataclasses.replace(probe, facts=tuple(facts))
+    if switch is None:
+        monkeypatch.delenv("SANDSPAWN_DIRECT_SPAWN", raising=False)
+    else:
+        monkeypatch.setenv("SANDSPAWN_DIRECT_SPAWN", switch)
+    plan = make_plan(Policy.load("strict"), host, engine="landlock",
+                     allow_weaker=["processes"])
+    assert plan.cgroup and plan.direct == direct
+    assert plan.report.line("lifetime").mechanism == (
+        "zygote + cgroup.kill" if direct else "zygote + PDEATHSIG + cgroup.kill")

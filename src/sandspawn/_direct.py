@@ -107,8 +107,14 @@ def load() -> ctypes.PyDLL | None:
             lib.waitid.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.POINTER(_SigInfo),
                                    ctypes.c_int]
             lib.waitid.restype = ctypes.c_int
+            lib.ss_clones_into_cgroup.restype = ctypes.c_int
         except (OSError, AttributeError) as exc:
             _why_not = f"the direct-spawn helper {path} cannot be loaded: {exc}"
+            return None
+        if not lib.ss_clones_into_cgroup():
+            _why_not = ("the direct-spawn helper has no clone3 path for this architecture "
+                        "(only x86_64 so far): its child would join the sandbox's cgroup after "
+                        "the clone, which waits for an RCU grace period")
             return None
         _lib = lib
     return _lib
