@@ -330,3 +330,17 @@ def test_the_plan_says_how_the_payload_starts(monkeypatch: pytest.MonkeyPatch, h
     assert plan.cgroup and plan.direct == direct
     assert plan.report.line("lifetime").mechanism == (
         "zygote + cgroup.kill" if direct else "zygote + PDEATHSIG + cgroup.kill")
+
+
+def test_the_zygote_ignores_what_is_not_a_lease_message(direct: None) -> None:
+    sandspawn.run(["true"], "strict", **OPTS)
+    client = zygote.client()
+    zyg = client.pid
+    prepared = sandspawn.process._prepare(sandspawn.process.resolve_policy("strict"),
+                                          "landlock", {"processes"}, None, NOBODY, NOBODY)
+    lease = client.direct_lease(prepared.key, prepared.lease, prepared.spec)
+    for junk in (b"[1]", b"not json", b'{"started": 1, "timeout": "soon"}', b'{"kill": 1}'):
+        lease.sock.send(junk)
+    client.release(lease)
+    assert sandspawn.run(["true"], "strict", **OPTS).returncode == 0
+    assert client.pid == zyg and client.alive()

@@ -702,8 +702,9 @@ class Zygote:
             return
         try:
             msg = json.loads(data)
-        except ValueError:
-            msg = {}
+            timeout = float(msg.get("timeout") or 0)  # the request's: not in the plan key
+        except (ValueError, TypeError, AttributeError):  # not ours: ignored
+            msg, timeout = {}, 0.0
         if msg.get("kill") and d.pidfd >= 0:
             d.killed = True
             d.kill()
@@ -715,9 +716,8 @@ class Zygote:
         d.used = True
         for fd in fds[1:]:
             os.close(fd)
-        timeout = msg.get("timeout")  # the request's: the plan key does not hold it
         if timeout:
-            d.deadline = time.monotonic() + float(timeout)
+            d.deadline = time.monotonic() + timeout
         self.sel.register(d.pidfd, selectors.EVENT_READ, ("direct-exit", d))
         # Its replacement: at its exit, or after PREFORK_DELAY if it runs on.
         self._want_direct(d.key, PREFORK_DELAY)
@@ -757,8 +757,8 @@ class Zygote:
         self._end_direct(d)
 
     def _end_direct(self, d: _Direct) -> None:
-        """Remove the sandbox; a used one is replaced (REFILL_DELAY from now: not under the
-        caller's next spawn)."""
+        """Remove the sandbox; a used one is replaced at once (its exit was handled
+        EXIT_DEFER after it: the caller has moved on)."""
         self.direct.pop(d.n, None)
         if d.used:
             self._want_direct(d.key, 0.0)

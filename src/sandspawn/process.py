@@ -231,13 +231,13 @@ class Popen:
             # behind is killed then), and our death.
             _heldgil.send_fds(lease.sock.fileno(), json.dumps(
                 {"started": pid, "timeout": self.plan.timeout}).encode(), [pidfd])
-        except BaseException as exc:
+            client.top_up()
+        except BaseException as exc:  # nothing may run unobserved
             self.kill()
             self.wait()
             if isinstance(exc, OSError):
                 raise SpawnError("zygote", 0, "the zygote died as the sandbox started") from None
             raise
-        client.top_up()
 
     def _finish_start(self, msg: dict[str, Any] | None, fds: list[int], status: socket.socket,
                       executable: str, cwd: str | os.PathLike[str] | None,
@@ -352,19 +352,9 @@ class Popen:
             except (OSError, ValueError):
                 msg = None  # the zygote died, or is stuck: nothing more to learn
         done = msg.get("done") if isinstance(msg, dict) else None
-        outcome = None
-        if isinstance(done, dict):
-            self.timed_out = bool(done.get("timed_out"))
-            outcome = done.get("cgroup")
-        if isinstance(outcome, dict):
-            self.cgroup_outcome = {str(k): int(v) for k, v in outcome.items()}
-            self.oom_killed = bool(self.cgroup_outcome.get("oom_kills")
-                                   or self.cgroup_outcome.get("oom_group_kills"))
-        self.returncode = (-os.WTERMSIG(status) if os.WIFSIGNALED(status)
-                           else os.WEXITSTATUS(status))
         self._lease = None
         zygote.client().release(lease)
-        self._close_status()
+        self._on_exit({**(done if isinstance(done, dict) else {}), "exit": status})
 
     def _reap_direct(self, timeout: float | None) -> bool:
         """Wait up to `timeout` (None: for ever) for the direct payload; True once reaped."""

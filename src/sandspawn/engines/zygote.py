@@ -79,10 +79,11 @@ class ZygoteClient:
         # the zygote. Least recently used first.
         self._leases: dict[str, tuple[socket.socket, int]] = {}
         # lease id → sandboxes prepared for direct spawns of that policy (least recently used
-        # policy first), and the cgroups of direct sandboxes that may be running: if the
-        # zygote dies, we kill those (it can no longer kill them when we die).
+        # policy first), and the cgroups of direct sandboxes that may be running, with the pid
+        # of the zygote that watches each: if it dies, we kill those (it can no longer kill
+        # them when we die).
         self._direct: dict[str, list[DirectLease]] = {}
-        self._live: set[str] = set()
+        self._live: dict[str, int] = {}
 
     def _start(self) -> socket.socket:
         # The zygote keeps its sandboxes' private temporary directories under this one, so
@@ -109,8 +110,8 @@ class ZygoteClient:
 
     def _watch(self, proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
-        with self._live_lock:
-            live = list(self._live)
+        with self._live_lock:  # not those of a zygote started since
+            live = [path for path, zyg in self._live.items() if zyg == proc.pid]
         for path in live:
             kill_cgroup(path)
 
@@ -211,8 +212,8 @@ class ZygoteClient:
                     os.close(fd)
                 raise SpawnError("zygote", 0, f"a bad answer from the zygote: {msg!r}")
             lease = DirectLease(msg, fds)
-        with self._live_lock:
-            self._live.add(lease.cgroup)
+        with self._live_lock:  # the zygote that prepared it (the current one) watches it
+            self._live[lease.cgroup] = self.pid or 0
         return lease
 
     def top_up(self) -> None:
@@ -226,7 +227,7 @@ class ZygoteClient:
         """Close what we hold of a direct sandbox, once its payload is reaped or if it never
         started (the zygote then removes it)."""
         with self._live_lock:
-            self._live.discard(lease.cgroup)
+            self._live.pop(lease.cgroup, None)
         lease.close()
 
     def _give_back(self, control: socket.socket, lease: tuple[socket.socket, int]) -> None:
@@ -350,7 +351,7 @@ class ZygoteClient:
         spawns."""
         self._lock = threading.Lock()  # another thread may have held it at the fork
         self._live_lock = threading.Lock()
-        self._live = set()  # the parent's sandboxes: not ours to kill
+        self._live = {}  # the parent's sandboxes: not ours to kill
         self._drop_leases()
         if self._sock is not None:
             _heldgil.close_socket(self._sock)
