@@ -32,6 +32,9 @@ that left the sandbox's process group or session. With limits on the cgroup (spe
 outcome (OOM kills, forks refused by pids.max); without, the child tells the caller as usual
 (a hop less) and the outcome comes only when we tell (killed, timed out). The cgroup is
 removed after that (a still populated one on a later tick).
+Direct spawns ({"op": "direct"}, and sandboxes sent ahead as {"direct": id, ...} on the control
+socket): the caller starts the payload itself (_direct.py) in a sandbox prepared here; see
+_Direct for what we still do for it.
 When the control socket reaches EOF (the caller exited, however it died), the zygote kills every
 sandbox it started, reaps everything (it is a child subreaper, so orphans come back to it) and
 exits.
