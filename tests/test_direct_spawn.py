@@ -344,3 +344,25 @@ def test_the_zygote_ignores_what_is_not_a_lease_message(direct: None) -> None:
     client.release(lease)
     assert sandspawn.run(["true"], "strict", **OPTS).returncode == 0
     assert client.pid == zyg and client.alive()
+
+
+def test_a_killed_zygotes_unused_sandboxes_are_removed_by_the_caller(direct: None) -> None:
+    sandspawn.run(["true"], "strict", **OPTS)
+    client = zygote.client()
+    old = client.pid
+    assert old is not None
+    deadline = time.monotonic() + 5
+    while True:  # wait until the zygote has sent us sandboxes ahead
+        client.top_up()
+        with client._lock:
+            held = [lease.cgroup for kept in client._direct.values() for lease in kept]
+        if held or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    assert held and all(os.path.isdir(path) for path in held)
+    os.kill(old, signal.SIGKILL)
+    while alive(old):
+        time.sleep(0.01)
+    assert sandspawn.run(["true"], "strict", **OPTS).returncode == 0
+    assert client.pid != old
+    assert not [path for path in held if os.path.isdir(path)]

@@ -125,13 +125,20 @@ class ZygoteClient:
             return self._start()
         return self._sock
 
-    def _drop_leases(self) -> None:
+    def _drop_leases(self, remove: bool = False) -> None:
+        """Let go of every lease; `remove`: the zygote died, so the cgroups of the sandboxes
+        it prepared for us (unused, empty) are ours to remove."""
         for lease, _ in self._leases.values():
             _heldgil.close_socket(lease)
         self._leases.clear()
         for prepared in self._direct.values():
             for direct in prepared:
                 direct.close()
+                if remove:
+                    try:
+                        os.rmdir(direct.cgroup)
+                    except OSError:
+                        pass  # the next zygote sweeps what is left (_zygote._sweep_stale)
         self._direct.clear()
 
     def _collect_leases(self, sock: socket.socket) -> None:
@@ -295,7 +302,7 @@ class ZygoteClient:
         if self._sock is not None:
             self._sock.close()
         self._sock = None
-        self._drop_leases()
+        self._drop_leases(remove=True)
         if self._base is not None:
             shutil.rmtree(self._base, ignore_errors=True)
             self._base = None
