@@ -300,6 +300,7 @@ class ZygoteClient:
     def _forget(self) -> None:
         """The zygote died: its sandboxes died with it; remove what it left behind."""
         if self._sock is not None:
+            self._collect_leases(self._sock)  # what it sent before it died: removed below
             self._sock.close()
         self._sock = None
         self._drop_leases(remove=True)
