@@ -132,7 +132,7 @@ class _Box:
         except (ProcessLookupError, PermissionError):
             pass
         if self.cgroup is not None:
-            _cgroup_kill(self.cgroup)
+            kill_cgroup(self.cgroup)
 
 
 class _Direct:
@@ -168,7 +168,7 @@ class _Direct:
 
     def kill(self) -> None:
         if self.cgroup is not None:
-            _cgroup_kill(self.cgroup)
+            kill_cgroup(self.cgroup)
 
 
 class _CgroupFailed(OSError):
@@ -177,8 +177,16 @@ class _CgroupFailed(OSError):
     step = "cgroup"
 
 
-def _cgroup_kill(path: str) -> None:
-    """SIGKILL everything in a sandbox's cgroup (cgroups.SandboxCgroup.kill: cgroup.kill)."""
+def _setup_error(exc: Exception) -> list[Any]:
+    """[step, errno, detail] of a sandbox we could not prepare."""
+    if isinstance(exc, _CgroupFailed):
+        return ["cgroup", exc.errno or 0, exc.strerror]
+    return ["prepare", getattr(exc, "errno", 0) or 0, str(exc)]
+
+
+def kill_cgroup(path: str) -> None:
+    """SIGKILL everything in a sandbox's cgroup (cgroups.SandboxCgroup.kill: cgroup.kill); gone
+    already, nothing to do. The caller uses it for its direct sandboxes too."""
     from .confine import cgroups
 
     try:
@@ -420,10 +428,7 @@ class Zygote:
             if box is None:
                 box = self._fork_warm(spec, key)
         except Exception as exc:
-            step = "cgroup" if isinstance(exc, _CgroupFailed) else "prepare"
-            self._send(status, {"error": [step, getattr(exc, "errno", 0) or 0,
-                                          exc.strerror if isinstance(exc, _CgroupFailed)
-                                          else str(exc)]})
+            self._send(status, {"error": _setup_error(exc)})
             status.close()
             for fd in fds[1:]:
                 os.close(fd)
@@ -565,7 +570,7 @@ class Zygote:
         if box.tmpdir:
             _remove_tmpdir(box.tmpdir)
         if box.cgroup is not None:
-            _cgroup_kill(box.cgroup)  # a warm child's sandbox never started: nothing to report
+            kill_cgroup(box.cgroup)  # a warm child's sandbox never started: nothing to report
             self._remove_cgroup(box.cgroup)
             box.cgroup = None
 
@@ -589,10 +594,7 @@ class Zygote:
         try:
             d, msg, send = self._new_direct(key, lease, spec)
         except Exception as exc:
-            step = "cgroup" if isinstance(exc, _CgroupFailed) else "prepare"
-            self._send(reply, {"error": [step, getattr(exc, "errno", 0) or 0,
-                                         exc.strerror if isinstance(exc, _CgroupFailed)
-                                         else str(exc)]})
+            self._send(reply, {"error": _setup_error(exc)})
             os.close(reply)
             return
         try:
@@ -614,13 +616,7 @@ class Zygote:
         tmpdir = cgroup = None
         sent: list[int] = []
         try:
-            if spec.get("private_tmpdir"):
-                tmpdir = tempfile.mkdtemp(prefix="tmp-", dir=self.base)
-                if spec.get("uid") is not None:
-                    os.chown(tmpdir, spec["uid"], spec["gid"])
-                if ruleset is not None:
-                    rule = landlock.PathRule(tmpdir, landlock.AccessFs(int(spec["tmp_access"])))
-                    ruleset = dataclasses.replace(ruleset, path_rules=(*ruleset.path_rules, rule))
+            tmpdir, ruleset = self._private_tmpdir(spec, ruleset)
             cgroup = self._new_cgroup(spec["cgroup"])
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             sent.append(theirs.detach())
@@ -746,12 +742,7 @@ class Zygote:
         d.kill()
         done: dict[str, Any] = {"timed_out": d.timed_out}
         if d.cgroup is not None and (d.relay or d.timed_out or d.killed):
-            from .confine import cgroups
-
-            try:
-                done["cgroup"] = cgroups.SandboxCgroup(d.cgroup).outcome().to_json()
-            except (OSError, ValueError):
-                done["cgroup"] = {}
+            done["cgroup"] = self._outcome(d.cgroup)
         if d.sock is not None:
             try:
                 d.sock.send(json.dumps({"done": done}).encode(), socket.MSG_DONTWAIT)
@@ -822,13 +813,13 @@ class Zygote:
             raise _CgroupFailed(exc.errno or errno.EIO, str(exc)) from None
         return cg.path
 
-    def _outcome(self, box: _Box) -> dict[str, Any]:
-        """The sandbox cgroup's counters (OOM kills, forks refused by pids.max, ...)."""
+    @staticmethod
+    def _outcome(path: str) -> dict[str, Any]:
+        """A sandbox cgroup's counters (OOM kills, forks refused by pids.max, ...)."""
         from .confine import cgroups
 
-        assert box.cgroup is not None
         try:
-            return cgroups.SandboxCgroup(box.cgroup).outcome().to_json()
+            return cgroups.SandboxCgroup(path).outcome().to_json()
         except (OSError, ValueError):
             return {}
 
@@ -850,9 +841,28 @@ class Zygote:
 
     def _remove_dying(self) -> None:
         for path in list(self.cg_dying):
-            _cgroup_kill(path)
+            kill_cgroup(path)
             self._remove_cgroup(path)
         self.cg_retry = time.monotonic() + CGROUP_RETRY
+
+    def _private_tmpdir(self, spec: dict[str, Any], ruleset: Any) -> tuple[str | None, Any]:
+        """The sandbox's private /tmp, if the plan gives it one (owned by the payload's uid),
+        and the landlock engine's ruleset with a rule granting it; (None, ruleset) else."""
+        if not spec.get("private_tmpdir"):
+            return None, ruleset
+        tmpdir = tempfile.mkdtemp(prefix="tmp-", dir=self.base)
+        try:
+            if spec.get("uid") is not None:
+                os.chown(tmpdir, spec["uid"], spec["gid"])
+        except BaseException:
+            os.rmdir(tmpdir)
+            raise
+        if ruleset is not None and spec.get("engine") == "landlock":
+            from .confine import landlock
+
+            rule = landlock.PathRule(tmpdir, landlock.AccessFs(int(spec["tmp_access"])))
+            ruleset = dataclasses.replace(ruleset, path_rules=(*ruleset.path_rules, rule))
+        return tmpdir, ruleset
 
     def _fork_warm(self, spec: dict[str, Any], key: str) -> _Box:
         bpf, ruleset = self._prepared(key, spec)
@@ -860,16 +870,8 @@ class Zygote:
         cgroup = None
         child_spec = spec
         try:
-            if spec.get("private_tmpdir"):
-                tmpdir = tempfile.mkdtemp(prefix="tmp-", dir=self.base)
-                if spec.get("uid") is not None:
-                    os.chown(tmpdir, spec["uid"], spec["gid"])
-                if ruleset is not None and spec.get("engine") == "landlock":
-                    from .confine import landlock
-
-                    rule = landlock.PathRule(tmpdir, landlock.AccessFs(int(spec["tmp_access"])))
-                    ruleset = dataclasses.replace(ruleset,
-                                                  path_rules=(*ruleset.path_rules, rule))
+            tmpdir, ruleset = self._private_tmpdir(spec, ruleset)
+            if tmpdir:
                 child_spec = {**child_spec, "tmpdir": tmpdir}
             # The child applies this one (parsed here once); spec["landlock"] stays as the
             # plan gave it (the bwrap engine's shim reads that).
@@ -959,7 +961,7 @@ class Zygote:
                 self._tell(box, None)  # the child told the caller
             else:  # the child left it to us: the cgroup's outcome goes with it
                 self._tell(box, {"exit": msg["exit"], "timed_out": box.timed_out,
-                                 "cgroup": self._outcome(box)})
+                                 "cgroup": self._outcome(box.cgroup)})
             box.kill()  # whatever the payload left behind goes with it (as the caller reads)
 
     def _tell(self, box: _Box, msg: dict[str, Any] | None) -> None:
@@ -1055,7 +1057,7 @@ class Zygote:
                 msg: dict[str, Any] = {"exit": box.reaped, "timed_out": box.timed_out}
                 if box.cgroup is not None:
                     box.kill()  # the counters are final once nothing is left to run
-                    msg["cgroup"] = self._outcome(box)
+                    msg["cgroup"] = self._outcome(box.cgroup)
                 self._tell(box, msg)
             else:
                 self._tell(box, {"error": ["sandbox", 0, "the sandbox exited before the payload"

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import IO, Any
 
 from . import _direct, _heldgil
-from ._zygote import lease_id, plan_key
+from ._zygote import kill_cgroup, lease_id, plan_key
 from .engines import zygote
 from .errors import SpawnError, spawn_error
 from .plan import NOBODY, Plan, Report, make_plan
@@ -212,12 +212,8 @@ class Popen:
                 lease.ruleset_fd, lease.cgroup_fd)
         except _direct.DirectSpawnFailed as exc:
             client.release(lease)  # unused: the zygote removes the sandbox
-            detail = str(exc.strerror)
-            if exc.step == "execve" and exc.errno == errno.EACCES:
-                detail += f" (is {executable} under a path with exec access in the policy?)"
-            raise spawn_error(exc.step, exc.errno or 0, detail,
-                              filename=str(cwd) if exc.step == "chdir" and cwd else executable
-                              ) from None
+            raise _step_error(exc.step, exc.errno or 0, str(exc.strerror), executable,
+                              cwd) from None
         except BaseException:
             client.release(lease)
             raise
@@ -253,10 +249,7 @@ class Popen:
             if "error" not in msg:  # e.g. its supervisor was killed as the payload started
                 raise SpawnError("sandbox", 0, f"the sandbox ended while starting ({msg})")
             step, err, detail = msg["error"]
-            if step == "execve" and err == errno.EACCES:
-                detail += f" (is {executable} under a path with exec access in the policy?)"
-            raise spawn_error(step, err, detail,
-                              filename=str(cwd) if step == "chdir" and cwd else executable)
+            raise _step_error(step, err, detail, executable, cwd)
         self.pidfd = fds[0] if fds else None
         self.pid = int(msg["started"])
         try:
@@ -443,7 +436,7 @@ class Popen:
             try:  # the zygote kills it, and tells the cgroup's outcome with "done"
                 _heldgil.send_fds(lease.sock.fileno(), b'{"kill": true}', [])
             except OSError:  # gone, or stuck: we kill it ourselves
-                zygote.kill_cgroup(lease.cgroup)
+                kill_cgroup(lease.cgroup)
             return
         status = self._status
         if self.returncode is None and status is not None:
@@ -640,6 +633,15 @@ def _first_message(status: socket.socket, leased: bool
             pass
         status.close()
         raise
+
+
+def _step_error(step: str, err: int, detail: str, executable: str,
+                cwd: str | os.PathLike[str] | None) -> SpawnError:
+    """The error for a failed step of the sandbox's start, however the sandbox was started."""
+    if step == "execve" and err == errno.EACCES:
+        detail += f" (is {executable} under a path with exec access in the policy?)"
+    return spawn_error(step, err, detail,
+                       filename=str(cwd) if step == "chdir" and cwd else executable)
 
 
 def _check_strings(args: Sequence[str], env: Mapping[str, str] | None) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 from .. import _heldgil
 from .._fdpass import pack, recv_fds
+from .._zygote import kill_cgroup
 from ..errors import SpawnError, spawn_error
 
 _PKG_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -373,16 +374,6 @@ class ZygoteClient:
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
-
-
-def kill_cgroup(path: str) -> None:
-    """SIGKILL every process of a direct sandbox's cgroup (gone already: nothing to do)."""
-    from ..confine import cgroups
-
-    try:
-        cgroups.SandboxCgroup(path).kill()
-    except OSError:
-        pass
 
 
 def read_message_soon(sock: socket.socket, hold: float
