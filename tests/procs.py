@@ -33,13 +33,12 @@ def sleepers(tag: str) -> list[int]:
 
 def own_fds() -> int:
     """Our open fds, less those the zygote client holds for later spawns: its leases (one fd
-    each) and the sandboxes prepared for direct spawns (socket, cgroup and ruleset fds). Both
-    arrive whenever the zygote has one ready."""
+    each) and the sandboxes prepared for direct spawns (socket, cgroup, ruleset and namespace
+    fds). Both arrive whenever the zygote has one ready."""
     from sandspawn.engines import zygote
 
     client = zygote.client()
     with client._lock:
         held = len(client._leases)
-        held += sum(1 + (lease.cgroup_fd >= 0) + (lease.ruleset_fd >= 0)
-                    for kept in client._direct.values() for lease in kept)
+        held += sum(lease.fd_count() for kept in client._direct.values() for lease in kept)
     return len(os.listdir("/proc/self/fd")) - held

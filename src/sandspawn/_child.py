@@ -276,10 +276,12 @@ def _recv_assignment(sock: socket.socket, spec: dict[str, Any]
 
 def _fail(sock_fd: int, spec: dict[str, Any], exc: BaseException) -> NoReturn:
     """A step failed before the request came: report it once it comes, so whoever sent it
-    (the zygote, or the caller through a lease) learns why, then exit."""
+    (the zygote, or the caller through a lease) learns why, then exit. A sandbox for a direct
+    spawn gets no request: the zygote waits for "ready" or this error."""
     sock = socket.socket(fileno=sock_fd)  # referenced until _exit: it must not close sock_fd
     try:
-        _recv_assignment(sock, spec)
+        if not spec.get("direct"):
+            _recv_assignment(sock, spec)
     except BaseException:
         pass
     _send_error(sock_fd, exc)
@@ -468,6 +470,7 @@ def _native_pid1(sock: socket.socket, status: list[socket.socket], spec: dict[st
     exits, and the waiter exits as it did."""
     from .confine import loopback, mounts, namespaces
 
+    direct = bool(spec.get("direct"))
     try:
         try:
             mounts.apply(mounts.ops_from_json(spec["mounts"]))
@@ -480,9 +483,13 @@ def _native_pid1(sock: socket.socket, status: list[socket.socket], spec: dict[st
         _step("setsid", os.setsid)
         # Inside the user namespace we hold every capability: drop them all, bounding set too.
         _step("drop capabilities", caps.drop_bounding_set, host.last_cap)
+        # Before seccomp (which may deny them) and while /proc/self is ours to open.
+        own = _step("namespace files", _namespace_files, spec["namespaces"]) if direct else None
         _lock_down(spec, bpf)
     except BaseException as exc:
         _fail(sock.fileno(), spec, exc)
+    if own is not None:
+        _direct_init(sock, *own)
     try:
         assigned = _recv_assignment(sock, spec)
         status.append(assigned[0])
@@ -491,6 +498,57 @@ def _native_pid1(sock: socket.socket, status: list[socket.socket], spec: dict[st
     except BaseException as exc:
         _send_error(sock.fileno(), exc)
         os._exit(127)
+
+
+# /proc/self/ns files in the order the caller's clone joins them (the user namespace first: it
+# gives the capabilities the others' setns checks); the cgroup namespace comes last, apart.
+_NS_FILES = (("user", 0x10000000), ("mnt", 0x00020000), ("pid", 0x20000000),
+             ("net", 0x40000000), ("ipc", 0x08000000), ("uts", 0x04000000))  # CLONE_NEW*
+
+
+def _namespace_files(flags: int) -> tuple[list[int], int, bool]:
+    """A pidfd of this process (pid 1), then its namespace files that `flags` (CLONE_NEW*)
+    name: (the fds, how many namespaces are to be joined, whether the last fd is the cgroup
+    namespace's)."""
+    fds = [os.pidfd_open(os.getpid())]  # getpid() is 1: this process
+    try:
+        for name, bit in _NS_FILES:
+            if flags & bit:
+                fds.append(os.open(f"/proc/self/ns/{name}", os.O_RDONLY | os.O_CLOEXEC))
+        joined = len(fds) - 1
+        cgroup = bool(flags & 0x02000000)  # CLONE_NEWCGROUP
+        if cgroup:
+            fds.append(os.open("/proc/self/ns/cgroup", os.O_RDONLY | os.O_CLOEXEC))
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return fds, joined, cgroup
+
+
+def _direct_init(sock: socket.socket, fds: list[int], joined: int, cgroup: bool) -> NoReturn:
+    """Pid 1 of a sandbox the caller starts its payload in itself (_direct.py): the sandbox is
+    built, so say "ready" with a pidfd of ourselves (for the zygote, to kill us) and our
+    namespace files (for the caller's clone to join), then only reap what is orphaned into
+    the pid namespace. We end when the zygote kills us (the sandbox is done, or unused) or
+    dies (PR_SET_PDEATHSIG of the waiter's): the kernel then kills every process in the
+    namespace, the payload too."""
+    try:
+        _send(sock, {"ready": True, "ns": joined, "ns_cgroup": cgroup}, fds)
+        for fd in fds:
+            os.close(fd)
+        while True:
+            signal.sigwaitinfo({signal.SIGCHLD})  # blocked by fork_init
+            while True:
+                try:
+                    pid, _ = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    break
+                if pid == 0:
+                    break
+    except BaseException as exc:
+        _send_error(sock.fileno(), exc)
+    os._exit(127)
 
 
 def bwrap_warm_main(sock_fd: int, spec: dict[str, Any], bpf: bytes | None, parent: int,

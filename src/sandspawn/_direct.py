@@ -1,4 +1,4 @@
-"""The direct spawn: the landlock engine's payload started by the caller itself (_spawn.c).
+"""The direct spawn: the payload started by the caller itself (_spawn.c).
 
 A supervised spawn hands the request from the caller to a pre-forked child and the answer
 back: each hand-over may have to wake an idle vCPU, which costs ~0.7 ms on a virtual machine
@@ -9,8 +9,12 @@ seccomp, fds, chdir, rlimits) before its execve. What needs a process of its own
 the zygote: it prepares each sandbox ahead (its cgroup, private /tmp and Landlock ruleset) and
 kills the sandbox's cgroup when the caller dies or the timeout comes (engines.zygote).
 
-The helper is C built at install (setup.py, optional); where it is missing, the landlock
-engine uses its pre-forked children as before.
+For the native engine the zygote builds the namespace sandbox ahead (its pid 1 mounts the root,
+brings up loopback, and waits as the namespace's init); the caller's clone joins those
+namespaces (setns on its /proc/self/ns files) and clones the payload into its pid namespace.
+
+The helper is C built at install (setup.py, optional); where it is missing, both engines use
+their pre-forked children as before.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from .confine import rlimits as _rlimits
 
 # The C side's step numbers (enum in _spawn.c), named as the pre-forked child names its steps.
 STEPS = ("", "clone", "cgroup", "setsid", "set uid/gid", "drop capabilities", "no_new_privs",
-         "landlock", "seccomp", "close fds", "chdir", "rlimits", "execve", "signals")
+         "landlock", "seccomp", "close fds", "chdir", "rlimits", "execve", "signals", "setns",
+         "clone into the namespaces")
 MAX_FDS = 256  # SS_MAX_FDS
 MAX_LIMITS = 16  # SS_MAX_LIMITS
 P_PIDFD = 3  # include/uapi/linux/wait.h, Linux 5.4
@@ -50,6 +55,8 @@ class _Request(ctypes.Structure):  # struct ss_request in _spawn.c: keep the two
         ("ruleset_fd", ctypes.c_int),
         ("prog", ctypes.POINTER(_SockFprog)),
         ("cgroup_fd", ctypes.c_int),
+        ("nns", ctypes.c_int), ("ns_fds", ctypes.POINTER(ctypes.c_int)),
+        ("ns_cgroup_fd", ctypes.c_int),
         ("cgroup_procs_fd", ctypes.c_int),
         ("no_clone3", ctypes.c_int),
         ("nfds", ctypes.c_int),
@@ -60,6 +67,8 @@ class _Request(ctypes.Structure):  # struct ss_request in _spawn.c: keep the two
         ("limits", ctypes.POINTER(_Rlimit)),
         ("step", ctypes.c_int), ("err", ctypes.c_int),
         ("pidfd", ctypes.c_int),
+        ("ns_pid", ctypes.c_int),
+        ("cgroup_in_child", ctypes.c_int), ("procs_opened", ctypes.c_int),
     ]
 
 
@@ -132,11 +141,13 @@ def _cstrings(items: Sequence[bytes]) -> ctypes.Array[ctypes.c_char_p]:
 
 
 class Spawner:
-    """What every direct spawn of one plan shares: the seccomp filter, the identity and the
-    rlimits (the values the kernel will grant, rlimits.effective)."""
+    """What every direct spawn of one plan shares: the seccomp filter, the identity, the
+    rlimits (the values the kernel will grant, rlimits.effective), and whether payloads go
+    into namespace sandboxes (`namespaces`)."""
 
     def __init__(self, bpf: bytes | None, uid: int | None, gid: int | None,
-                 bounding_last: int, limits: Sequence[tuple[str, int]]) -> None:
+                 bounding_last: int, limits: Sequence[tuple[str, int]],
+                 namespaces: bool = False) -> None:
         lib = load()
         if lib is None:
             raise OSError(errno.ENOSYS, why_not() or "no direct-spawn helper")
@@ -147,7 +158,9 @@ class Spawner:
                       if bpf else None)
         self._uid = -1 if uid is None else uid
         self._gid = -1 if gid is None else gid
-        self._bounding_last = bounding_last if uid is not None else -1
+        # Inside a user namespace the payload holds CAP_SETPCAP until it drops the bounding set.
+        self._bounding_last = bounding_last if uid is not None or namespaces else -1
+        self._namespaces = namespaces
         if len(limits) > MAX_LIMITS:
             raise ValueError(f"at most {MAX_LIMITS} rlimits")
         self._limits = (_Rlimit * max(1, len(limits)))(*[
@@ -158,19 +171,26 @@ class Spawner:
     def spawn(self, executable: str, argv: Sequence[str], env: Mapping[str, str],
               fd_map: Sequence[tuple[int, int]], cwd: str | None, cwd_fallback: bool,
               ruleset_fd: int, cgroup_fd: int, procs_fd: int = -1,
-              no_clone3: bool = False) -> tuple[int, int]:
+              no_clone3: bool = False, ns_fds: Sequence[int] = (),
+              ns_cgroup_fd: int = -1) -> tuple[int, int]:
         """Start the payload: (its pid, a pidfd for it). `fd_map`: (our fd, the payload's
-        number); the payload gets exactly those. Raises DirectSpawnFailed."""
+        number); the payload gets exactly those. `ns_fds`: the namespaces of the sandbox to
+        join, the user namespace first; `ns_cgroup_fd`: its cgroup namespace. Raises
+        DirectSpawnFailed."""
+        if bool(ns_fds) != self._namespaces:
+            raise ValueError("namespace files go with a Spawner for namespace sandboxes")
         if len(fd_map) > MAX_FDS:
             raise ValueError(f"at most {MAX_FDS} file descriptors")
         c_argv = _cstrings([os.fsencode(a) for a in argv])
         c_env = _cstrings([os.fsencode(k) + b"=" + os.fsencode(v) for k, v in env.items()])
         src = (ctypes.c_int * max(1, len(fd_map)))(*[s for s, _ in fd_map])
         dst = (ctypes.c_int * max(1, len(fd_map)))(*[d for _, d in fd_map])
+        c_ns = (ctypes.c_int * max(1, len(ns_fds)))(*ns_fds)
         req = _Request(
             path=os.fsencode(executable), argv=c_argv, envp=c_env,
             uid=self._uid, gid=self._gid, bounding_last=self._bounding_last,
             ruleset_fd=ruleset_fd, prog=self._prog, cgroup_fd=cgroup_fd,
+            nns=len(ns_fds), ns_fds=c_ns, ns_cgroup_fd=ns_cgroup_fd,
             cgroup_procs_fd=procs_fd, no_clone3=int(no_clone3),
             nfds=len(fd_map), fd_src=src, fd_dst=dst,
             cwd=os.fsencode(cwd) if cwd is not None else None, cwd_fallback=int(cwd_fallback),

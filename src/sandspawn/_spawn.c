@@ -1,4 +1,4 @@
-/* sandspawn's direct spawn: the landlock engine's payload started by the caller itself.
+/* sandspawn's direct spawn: the payload started by the caller itself.
  *
  * ss_spawn() clones a child that shares the caller's memory and is suspended-for (CLONE_VM |
  * CLONE_VFORK), born in the sandbox's cgroup (CLONE_INTO_CGROUP) with a pidfd (CLONE_PIDFD).
@@ -6,6 +6,23 @@
  *
  *   signal dispositions to default → setsid → bounding set, groups, gid, uid → capability sets
  *   → no_new_privs → Landlock → seccomp → fds → chdir → rlimits → signal mask → execve
+ *
+ * Into a namespace sandbox (the native engine: ns_fds, its pid 1's /proc/self/ns files, user
+ * first) the clone goes in two steps, since joining a pid namespace only places the joiner's
+ * children in it (man 2 setns):
+ *
+ *   caller --clone(CLONE_VM|CLONE_VFORK|CLONE_FILES)--> outer: signals, groups/gid/uid (a root
+ *   caller's), setns(each of ns_fds) --clone(CLONE_VM|CLONE_VFORK|CLONE_PARENT|CLONE_PIDFD)-->
+ *   payload: setns(ns_cgroup_fd) → the steps above, bounding set included (it holds every
+ *   capability of the sandbox's user namespace until it drops them)
+ *
+ * Namespace files rather than one setns on a pidfd of pid 1: that needs ptrace read access to
+ * pid 1 (kernel/nsproxy.c validate_nsset(), Linux 6.18), which is non-dumpable.
+ *
+ * CLONE_PARENT makes the payload the caller's child; CLONE_FILES puts its pidfd in the
+ * caller's fd table. The cgroup namespace is joined by the payload itself, once born in the
+ * sandbox's cgroup: CLONE_INTO_CGROUP from inside it would not see the caller's cgroup
+ * (kernel/cgroup/cgroup.c, cgroup_procs_write_permission(): ENOENT, Linux 6.18).
  *
  * Raw syscalls only: the child shares the caller's memory, so glibc's set*id wrappers (which
  * signal every thread of "this process") and anything that allocates or takes a lock are out.
@@ -51,7 +68,8 @@
 
 /* Step numbers, named in sandspawn/_direct.py (STEPS). */
 enum { ST_NONE, ST_CLONE, ST_CGROUP, ST_SETSID, ST_IDENTITY, ST_CAPS, ST_NNP, ST_LANDLOCK,
-       ST_SECCOMP, ST_FDS, ST_CHDIR, ST_RLIMITS, ST_EXECVE, ST_SIGNALS };
+       ST_SECCOMP, ST_FDS, ST_CHDIR, ST_RLIMITS, ST_EXECVE, ST_SIGNALS, ST_SETNS,
+       ST_CLONE_NS };
 
 struct ss_rlimit { int resource; uint64_t value; };
 
@@ -60,11 +78,14 @@ struct ss_request {
     const char *path;
     char *const *argv;
     char *const *envp;
-    int uid, gid;            /* -1: keep the caller's */
+    int uid, gid;            /* -1: keep the caller's; in a namespace sandbox, ids inside it */
     int bounding_last;       /* drop the bounding set 0..this (needs CAP_SETPCAP); -1: keep */
     int ruleset_fd;          /* Landlock ruleset to restrict to; -1: none */
     const struct sock_fprog *prog; /* seccomp filter; NULL: none */
     int cgroup_fd;           /* the sandbox cgroup's directory (CLONE_INTO_CGROUP); -1: none */
+    int nns;                 /* namespaces to join (0: none) */
+    const int *ns_fds;       /* their files, the user namespace first */
+    int ns_cgroup_fd;        /* the cgroup namespace, joined by the payload; -1: none */
     int cgroup_procs_fd;     /* its cgroup.procs, written from the child if clone3 cannot
                               * (-1: opened here from cgroup_fd when needed) */
     int no_clone3;           /* tests: take the fallback path (clone + cgroup.procs) */
@@ -77,6 +98,10 @@ struct ss_request {
     /* out */
     int step, err;
     int pidfd;
+    int ns_pid;              /* the payload's pid, from the outer child */
+    /* internal */
+    int cgroup_in_child;     /* the child joins through cgroup_procs_fd (no clone3) */
+    int procs_opened;        /* cgroup_procs_fd was opened here: closed after the spawn */
 };
 
 struct ss_kernel_sigaction { /* the kernel's struct sigaction (x86_64, arm64 layout) */
@@ -99,31 +124,37 @@ static int fail(struct ss_request *r, int step) {
     return 127;
 }
 
-static int child(void *arg) {
-    struct ss_request *r = arg;
+static void reset_signals(void) {
     struct ss_kernel_sigaction dfl = { (void *)SIG_DFL, 0, NULL, 0 };
-    uint64_t none = 0;
-    int sig, i, top;
-
+    int sig;
     /* No handler of the caller's may run here (they would run Python in shared memory): the
      * caller blocked every signal before the clone; we reset them all before unblocking. */
     for (sig = 1; sig < 65; sig++)
         if (sig != SIGKILL && sig != SIGSTOP)
             sc(SYS_rt_sigaction, sig, (long)&dfl, 0, 8, 0);
+}
 
-    if (r->cgroup_procs_fd >= 0 && sc(SYS_write, r->cgroup_procs_fd, (long)"0", 1, 0, 0) != 1)
-        return fail(r, ST_CGROUP);
-    if (sc(SYS_setsid, 0, 0, 0, 0, 0) < 0)
-        return fail(r, ST_SETSID);
-    if (r->uid >= 0) {
-        for (i = 0; i <= r->bounding_last; i++)
-            if (sc(SYS_prctl, PR_CAPBSET_DROP, i, 0, 0, 0) < 0 && errno != EINVAL)
-                return fail(r, ST_IDENTITY);
-        if (sc(SYS_setgroups, 0, 0, 0, 0, 0) < 0 ||
-            sc(SYS_setresgid, r->gid, r->gid, r->gid, 0, 0) < 0 ||
-            sc(SYS_setresuid, r->uid, r->uid, r->uid, 0, 0) < 0)
-            return fail(r, ST_IDENTITY);
-    }
+static int drop_bounding_set(struct ss_request *r) {
+    int i;
+    for (i = 0; i <= r->bounding_last; i++)
+        if (sc(SYS_prctl, PR_CAPBSET_DROP, i, 0, 0, 0) < 0 && errno != EINVAL)
+            return -1;
+    return 0;
+}
+
+static int set_ids(struct ss_request *r) {
+    return (sc(SYS_setresgid, r->gid, r->gid, r->gid, 0, 0) < 0 ||
+            sc(SYS_setresuid, r->uid, r->uid, r->uid, 0, 0) < 0) ? -1 : 0;
+}
+
+static int set_identity(struct ss_request *r) {
+    return (sc(SYS_setgroups, 0, 0, 0, 0, 0) < 0 || set_ids(r) < 0) ? -1 : 0;
+}
+
+/* From the capability sets to the execve: the steps every payload takes last. */
+static int lock_down_and_exec(struct ss_request *r) {
+    uint64_t none = 0;
+    int i, top;
     {
         struct __user_cap_header_struct hdr = { _LINUX_CAPABILITY_VERSION_3, 0 };
         struct __user_cap_data_struct data[2];
@@ -179,6 +210,74 @@ static int child(void *arg) {
     return fail(r, ST_EXECVE);
 }
 
+static int join_cgroup_procs(struct ss_request *r) {
+    return (r->cgroup_in_child &&
+            sc(SYS_write, r->cgroup_procs_fd, (long)"0", 1, 0, 0) != 1) ? -1 : 0;
+}
+
+/* The landlock engine's payload. */
+static int child(void *arg) {
+    struct ss_request *r = arg;
+
+    reset_signals();
+    if (join_cgroup_procs(r) < 0)
+        return fail(r, ST_CGROUP);
+    if (sc(SYS_setsid, 0, 0, 0, 0, 0) < 0)
+        return fail(r, ST_SETSID);
+    if (r->uid >= 0 && (drop_bounding_set(r) < 0 || set_identity(r) < 0))
+        return fail(r, ST_IDENTITY);
+    return lock_down_and_exec(r);
+}
+
+/* A namespace sandbox's payload, cloned by ns_outer() inside the namespaces it joined. */
+static int ns_payload(void *arg) {
+    struct ss_request *r = arg;
+
+    if (join_cgroup_procs(r) < 0)
+        return fail(r, ST_CGROUP);
+    if (r->ns_cgroup_fd >= 0 && sc(SYS_setns, r->ns_cgroup_fd, CLONE_NEWCGROUP, 0, 0, 0) < 0)
+        return fail(r, ST_SETNS);
+    /* A root caller's clone is still host uid 0 (unmapped here): the payload's ids, mapped to
+     * the host uid/gid it runs as, now that it is born in the cgroup (see ns_outer). */
+    if (r->uid >= 0 && set_ids(r) < 0)
+        return fail(r, ST_IDENTITY);
+    if (sc(SYS_setsid, 0, 0, 0, 0, 0) < 0)
+        return fail(r, ST_SETSID);
+    /* Every capability of the sandbox's user namespace is ours until dropped here. */
+    if (drop_bounding_set(r) < 0)
+        return fail(r, ST_CAPS);
+    return lock_down_and_exec(r);
+}
+
+static long clone_payload(struct ss_request *r, char *stack, size_t size);
+
+/* Joins the sandbox's namespaces, then clones the payload into its pid namespace. */
+static int ns_outer(void *arg) {
+    struct ss_request *r = (struct ss_request *)((void **)arg)[0];
+    char *stack = (char *)((void **)arg)[1];
+    long pid;
+    int i;
+
+    reset_signals();
+    /* A root caller drops its groups here (inside, setgroups is denied) but stays uid 0 until
+     * the payload is born: CLONE_INTO_CGROUP checks write access to cgroup.procs of the
+     * common ancestor (kernel/cgroup/cgroup.c cgroup_procs_write_permission(), Linux 6.18),
+     * which is root's. Nothing but this code runs as uid 0 in the namespaces. */
+    if (r->uid >= 0 && sc(SYS_setgroups, 0, 0, 0, 0, 0) < 0)
+        return fail(r, ST_IDENTITY);
+    for (i = 0; i < r->nns; i++)
+        if (sc(SYS_setns, r->ns_fds[i], 0, 0, 0, 0) < 0)
+            return fail(r, ST_SETNS);
+    pid = clone_payload(r, stack, SS_STACK);
+    if (pid < 0) {
+        errno = (int)-pid;
+        return fail(r, ST_CLONE_NS);
+    }
+    r->ns_pid = (int)pid;
+    syscall(SYS_exit, 0);
+    return 0;
+}
+
 #if defined(__x86_64__)
 /* clone3 with a stack of its own, on which the child calls fn(arg) and exits: glibc 2.36 has
  * no clone3() wrapper, and the syscall() wrapper cannot be used (the child would return
@@ -218,84 +317,107 @@ int ss_clones_into_cgroup(void) {
 #endif
 }
 
+/* The payload's clone: clone3 into the sandbox's cgroup where this build has it (returns -errno
+ * on failure), else glibc's clone, the child then joining the cgroup through cgroup.procs. In
+ * a namespace sandbox (ns_fd) it runs ns_payload as the caller's child (CLONE_PARENT). */
+static long clone_payload(struct ss_request *r, char *stack, size_t size) {
+    int ns = r->nns > 0;
+    int (*fn)(void *) = ns ? ns_payload : child;
+    long pid;
+#ifdef SS_HAVE_CLONE3_RUN
+    if (!r->no_clone3) {
+        struct clone_args args;
+        memset(&args, 0, sizeof args);
+        args.flags = CLONE_VM | CLONE_VFORK | CLONE_PIDFD | (ns ? CLONE_PARENT : 0);
+        args.pidfd = (uint64_t)(uintptr_t)&r->pidfd;
+        args.exit_signal = ns ? 0 : SIGCHLD; /* CLONE_PARENT: the parent's own (clone3 rule) */
+        args.stack = (uint64_t)(uintptr_t)stack;
+        args.stack_size = size;
+        if (r->cgroup_fd >= 0) {
+            args.flags |= CLONE_INTO_CGROUP;
+            args.cgroup = (uint64_t)r->cgroup_fd;
+        }
+        pid = clone3_run(&args, fn, r);
+        /* ENOSYS: no clone3 (before Linux 5.3); E2BIG: no CLONE_INTO_CGROUP (before 5.7). */
+        if (pid != -ENOSYS && pid != -E2BIG)
+            return pid;
+    }
+#endif
+    if (r->cgroup_fd >= 0 && r->cgroup_procs_fd < 0) {
+        r->cgroup_procs_fd = r->procs_opened =
+            (int)sc(SYS_openat, r->cgroup_fd, (long)"cgroup.procs", O_WRONLY | O_CLOEXEC, 0, 0);
+        if (r->cgroup_procs_fd < 0)
+            return -errno;
+    }
+    r->cgroup_in_child = r->cgroup_fd >= 0;
+    pid = clone(fn, stack + size,
+                CLONE_VM | CLONE_VFORK | CLONE_PIDFD | (ns ? CLONE_PARENT : SIGCHLD), r,
+                &r->pidfd);
+    return pid < 0 ? -errno : pid;
+}
+
+static void reap(int pid, int pidfd) {
+    siginfo_t info;
+    while (syscall(SYS_waitid, pidfd >= 0 ? P_PIDFD : P_PID, pidfd >= 0 ? pidfd : pid, &info,
+                   WEXITED | __WALL, NULL) < 0 && errno == EINTR)
+        ;
+}
+
 /* Returns the payload's pid (r->pidfd its pidfd), or -1 with r->step and r->err set; a
  * child that failed has been reaped. */
 int ss_spawn(struct ss_request *r) {
-    /* The child's stack: in our own frame, which stays put while we are suspended for it. */
+    /* The children's stacks: in our own frame, which stays put while we are suspended. */
     char stack[SS_STACK] __attribute__((aligned(16)));
+    char stack2[SS_STACK] __attribute__((aligned(16)));
     sigset_t all, old;
-    int pid = -1, err = 0, cgroup_in_child = 0, procs_fd = r->cgroup_procs_fd;
+    long pid;
+    int outer = 0;
 
     r->step = ST_NONE;
     r->err = 0;
     r->pidfd = -1;
-    if (r->nfds < 0 || r->nfds > SS_MAX_FDS || r->nlimits < 0 || r->nlimits > SS_MAX_LIMITS) {
+    r->ns_pid = -1;
+    r->cgroup_in_child = 0;
+    r->procs_opened = -1;
+    if (r->nfds < 0 || r->nfds > SS_MAX_FDS || r->nlimits < 0 || r->nlimits > SS_MAX_LIMITS ||
+        r->nns < 0) {
         r->step = ST_CLONE;
         r->err = EINVAL;
         return -1;
     }
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);
-#ifdef SS_HAVE_CLONE3_RUN
-    if (!r->no_clone3) {
-        struct clone_args args;
-        memset(&args, 0, sizeof args);
-        args.flags = CLONE_VM | CLONE_VFORK | CLONE_PIDFD;
-        args.pidfd = (uint64_t)(uintptr_t)&r->pidfd;
-        args.exit_signal = SIGCHLD;
-        args.stack = (uint64_t)(uintptr_t)stack;
-        args.stack_size = sizeof stack;
-        if (r->cgroup_fd >= 0) {
-            args.flags |= CLONE_INTO_CGROUP;
-            args.cgroup = (uint64_t)r->cgroup_fd;
-        }
-        r->cgroup_procs_fd = -1; /* the child is born in the cgroup */
-        pid = (int)clone3_run(&args, child, r);
+    if (r->nns > 0) {
+        void *outer_arg[2] = { r, stack2 };
+        pid = clone(ns_outer, stack + sizeof stack, CLONE_VM | CLONE_VFORK | CLONE_FILES | SIGCHLD,
+                    outer_arg);
         if (pid < 0) {
-            err = (int)-pid;
-            pid = -1;
-        }
-    }
-    /* ENOSYS: no clone3 (before Linux 5.3); E2BIG: no CLONE_INTO_CGROUP (before 5.7). */
-    if (r->no_clone3 || err == ENOSYS || err == E2BIG)
-#endif
-    {
-        err = 0;
-        /* Without clone3: glibc's clone, and the child joins the cgroup by writing to
-         * cgroup.procs (a migration, slower than being born there). */
-        int opened = -1;
-        cgroup_in_child = r->cgroup_fd >= 0;
-        if (cgroup_in_child && procs_fd < 0)
-            procs_fd = opened = openat(r->cgroup_fd, "cgroup.procs", O_WRONLY | O_CLOEXEC);
-        if (cgroup_in_child && procs_fd < 0) {
-            err = errno;
+            pid = -errno;
         } else {
-            r->cgroup_procs_fd = cgroup_in_child ? procs_fd : -1;
-            pid = clone(child, stack + sizeof stack,
-                        CLONE_VM | CLONE_VFORK | CLONE_PIDFD | SIGCHLD, r, &r->pidfd);
-            if (pid < 0)
-                err = errno;
+            outer = (int)pid;
+            pid = r->step == ST_NONE ? r->ns_pid : -1;
         }
-        if (opened >= 0) {
-            close(opened);
-            procs_fd = -1;
-        }
+    } else {
+        pid = clone_payload(r, stack, sizeof stack);
     }
-    r->cgroup_procs_fd = procs_fd;
     pthread_sigmask(SIG_SETMASK, &old, NULL);
-    if (pid < 0) {
+    if (r->procs_opened >= 0) {
+        close(r->procs_opened);
+        r->cgroup_procs_fd = r->procs_opened = -1;
+    }
+    if (outer > 0)
+        reap(outer, -1);
+    if (pid < 0 && r->step == ST_NONE) {
         r->step = ST_CLONE;
-        r->err = err;
+        r->err = (int)-pid;
+    }
+    if (r->step != ST_NONE) { /* a child failed before its execve: reap it */
+        if (r->pidfd >= 0) {
+            reap(-1, r->pidfd);
+            close(r->pidfd);
+        }
         r->pidfd = -1;
         return -1;
     }
-    if (r->step != ST_NONE) { /* it failed before its execve: reap it */
-        siginfo_t info;
-        while (syscall(SYS_waitid, P_PIDFD, r->pidfd, &info, WEXITED, NULL) < 0 && errno == EINTR)
-            ;
-        close(r->pidfd);
-        r->pidfd = -1;
-        return -1;
-    }
-    return pid;
+    return (int)pid;
 }

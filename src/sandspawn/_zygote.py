@@ -61,6 +61,7 @@ from ._fdpass import pack, recv_fds, unpack
 from .confine import _libc
 
 MAX_MSG = 1 << 20
+MAX_CHILD_FDS = 16  # on a message from a child (pid 1's "ready": its namespace files)
 MAX_WARM = 4  # policies with pre-forked children waiting
 # Children kept ready per policy: with two, back-to-back spawns of one policy find one ready
 # while the next is being forked.
@@ -96,7 +97,7 @@ class _Box:
 
     __slots__ = ("pid", "sock", "tmpdir", "native", "status", "deadline", "timed_out",
                  "started", "told", "reaped", "sock_open", "key", "cgroup", "relay", "leased",
-                 "spec")
+                 "spec", "direct")
 
     def __init__(self, pid: int, sock: socket.socket, tmpdir: str | None, native: bool,
                  cgroup: str | None = None) -> None:
@@ -117,6 +118,7 @@ class _Box:
         self.relay = False  # the child reports the exit to us only: we add the outcome
         self.leased = False  # the caller holds a copy of `sock` and sends the request itself
         self.spec: dict[str, Any] = {}  # the spawn spec it was forked for
+        self.direct: _Direct | None = None  # the direct spawn this namespace sandbox is for
 
     def kill(self) -> None:
         """SIGKILL the whole sandbox: the process group of the landlock engine's child and
@@ -146,13 +148,18 @@ class _Direct:
     {"timed_out": bool, "cgroup": outcome}} (the outcome with limits, or after a timeout or a
     kill), and remove the sandbox. EOF before "started" means the sandbox was not used. We
     also kill the cgroup when the timeout comes, when the caller says {"kill": true} (its
-    kill()), and when the caller dies."""
+    kill()), and when the caller dies.
+
+    A namespace sandbox (the native engine) is built by a pre-forked child (`box`, whose pid 1
+    waits as the namespace's init, _child._direct_init); the lease goes out once its pid 1 says
+    "ready", with a pidfd of it (the caller joins its namespaces through it). Killing pid 1
+    ends the pid namespace, the payload with it; so does our death (its PDEATHSIG)."""
 
     __slots__ = ("n", "key", "sock", "cgroup", "tmpdir", "pidfd", "deadline", "timed_out",
-                 "relay", "used", "killed", "exited")
+                 "relay", "used", "killed", "exited", "box", "init_pidfd", "lease", "reply")
 
-    def __init__(self, n: int, key: str, sock: socket.socket, cgroup: str, tmpdir: str | None,
-                 spec: dict[str, Any]) -> None:
+    def __init__(self, n: int, key: str, sock: socket.socket, cgroup: str | None,
+                 tmpdir: str | None, spec: dict[str, Any]) -> None:
         self.n = n
         self.key = key
         self.sock: socket.socket | None = sock  # None once the caller closed its end
@@ -165,10 +172,32 @@ class _Direct:
         self.used = False  # the caller started a payload in it
         self.killed = False  # the caller asked us to kill it ({"kill": true})
         self.exited: float | None = None  # when to handle the payload's exit (EXIT_DEFER)
+        self.box: _Box | None = None  # a namespace sandbox's builder (its waiter)
+        self.init_pidfd = -1  # a pidfd of its pid 1, once ready
+        # The lease not sent yet (message, fds), and the reply socket of a caller waiting for it.
+        self.lease: tuple[dict[str, Any], list[int]] | None = None
+        self.reply: int | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.box is None or self.init_pidfd >= 0
 
     def kill(self) -> None:
+        if self.init_pidfd >= 0:
+            try:
+                signal.pidfd_send_signal(self.init_pidfd, signal.SIGKILL)
+            except OSError:
+                pass
+        if self.box is not None:
+            self.box.kill()
         if self.cgroup is not None:
             kill_cgroup(self.cgroup)
+
+    def close_lease(self) -> None:
+        if self.lease is not None:
+            for fd in self.lease[1]:
+                os.close(fd)
+            self.lease = None
 
 
 class _CgroupFailed(OSError):
@@ -563,6 +592,12 @@ class Zygote:
         self._forget(box)
 
     def _forget(self, box: _Box) -> None:
+        d = box.direct
+        if d is not None and not d.ready:
+            self._direct_failed(d, ["sandbox", 0, "the sandbox exited before it was ready "
+                                    f"(wait status {box.reaped})"])
+        elif d is not None and d.pidfd < 0:
+            self._end_direct(d)  # died unused: the caller sees its lease socket closed
         if box.sock_open:
             box.sock.close()
             box.sock_open = False
@@ -592,40 +627,46 @@ class Zygote:
             del self.direct_keys[old]
             self.direct_due.pop(old, None)
         try:
-            d, msg, send = self._new_direct(key, lease, spec)
+            d = self._new_direct(key, lease, spec)
         except Exception as exc:
             self._send(reply, {"error": _setup_error(exc)})
             os.close(reply)
             return
-        try:
-            self._send(reply, msg, send)
-        finally:
-            for fd in send:
-                os.close(fd)
-            os.close(reply)
-        self._want_direct(key, 0.0)
+        d.reply = reply
+        if d.ready:
+            self._hand_over(d)
 
-    def _new_direct(self, key: str, lease: str, spec: dict[str, Any]
-                    ) -> tuple[_Direct, dict[str, Any], list[int]]:
-        """Prepare a sandbox for a direct spawn: (it, the lease message, the fds to send with
-        it: the caller's end of the lease socket, the cgroup's directory, the Landlock
-        ruleset). Raises _CgroupFailed or OSError; nothing is left behind then."""
+    def _new_direct(self, key: str, lease: str, spec: dict[str, Any]) -> _Direct:
+        """Prepare a sandbox for a direct spawn. Its lease (d.lease: the message, and the fds
+        to send with it: the caller's end of the lease socket, the cgroup's directory, the
+        Landlock ruleset, and a pidfd of a namespace sandbox's pid 1) is complete at once, or
+        for a namespace sandbox once its pid 1 says "ready" (_on_direct_box). Raises
+        _CgroupFailed or OSError; nothing is left behind then."""
         from .confine import landlock
 
+        native = spec.get("engine") == "native"
         _, ruleset = self._prepared(key, spec)
         tmpdir = cgroup = None
+        ours = box = None
         sent: list[int] = []
         try:
-            tmpdir, ruleset = self._private_tmpdir(spec, ruleset)
-            cgroup = self._new_cgroup(spec["cgroup"])
+            if not native:  # a namespace sandbox's /tmp is a tmpfs of its own
+                tmpdir, ruleset = self._private_tmpdir(spec, ruleset)
+            if spec.get("cgroup") is not None:
+                cgroup = self._new_cgroup(spec["cgroup"])
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             sent.append(theirs.detach())
-            sent.append(os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+            if cgroup is not None:
+                sent.append(os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
             if ruleset is not None:
                 sent.append(landlock.build_ruleset(ruleset))
+            if native:
+                box = self._fork_warm(spec, key, cgroup=cgroup)
         except BaseException:
             for fd in sent:
                 os.close(fd)
+            if ours is not None:
+                ours.close()
             if tmpdir:
                 shutil.rmtree(tmpdir, ignore_errors=True)
             if cgroup is not None:
@@ -633,11 +674,59 @@ class Zygote:
             raise
         self.direct_count += 1
         d = _Direct(self.direct_count, key, ours, cgroup, tmpdir, spec)
+        d.lease = ({"direct": lease, "box": d.n, "tmpdir": tmpdir, "cgroup": cgroup,
+                    "ruleset": ruleset is not None}, sent)
         self.direct[d.n] = d
         self.sel.register(ours, selectors.EVENT_READ, ("direct", d))
-        msg = {"direct": lease, "box": d.n, "tmpdir": tmpdir, "cgroup": cgroup,
-               "ruleset": ruleset is not None}
-        return d, msg, sent
+        if box is not None:
+            d.box = box
+            box.direct = d
+            self.sel.register(box.sock, selectors.EVENT_READ, ("child", box))
+        return d
+
+    def _hand_over(self, d: _Direct) -> None:
+        """Send a ready sandbox's lease: to the caller waiting for it, else ahead on the
+        control socket; then plan the next one."""
+        assert d.lease is not None
+        msg, fds = d.lease
+        try:
+            if d.reply is not None:
+                self._send(d.reply, msg, fds)
+            else:
+                try:
+                    socket.send_fds(self.control, [json.dumps(msg).encode()], fds,
+                                    socket.MSG_DONTWAIT)
+                except OSError:
+                    self._end_direct(d)  # the caller is not reading (or is gone)
+                    return
+        finally:
+            d.close_lease()
+            if d.reply is not None:
+                os.close(d.reply)
+                d.reply = None
+        self._want_direct(d.key, 0.0)
+
+    def _on_direct_box(self, d: _Direct, msg: dict[str, Any], fds: list[int]) -> None:
+        """A message from the pid 1 building a namespace sandbox for a direct spawn."""
+        if d.ready or self.direct.get(d.n) is not d or d.lease is None:
+            return
+        joined, cgroup = msg.get("ns"), bool(msg.get("ns_cgroup"))
+        if (msg.get("ready") and isinstance(joined, int)
+                and len(fds) == 1 + joined + cgroup):
+            d.init_pidfd = os.dup(fds[0])
+            d.lease[0].update(ns=joined, ns_cgroup=cgroup)
+            d.lease[1].extend(os.dup(fd) for fd in fds[1:])
+            self._hand_over(d)
+        elif "error" in msg:
+            self._direct_failed(d, msg["error"])
+
+    def _direct_failed(self, d: _Direct, error: list[Any]) -> None:
+        """A namespace sandbox could not be built: the caller waiting for it learns why."""
+        if d.reply is not None:
+            self._send(d.reply, {"error": error})
+            os.close(d.reply)
+            d.reply = None
+        self._end_direct(d)
 
     def _want_direct(self, key: str, delay: float) -> None:
         """Prepare the next sandbox for this policy `delay` from now (never later than already
@@ -663,19 +752,11 @@ class Zygote:
             del self.direct_due[key]
             lease, spec = self.direct_keys[key]
             try:
-                d, msg, send = self._new_direct(key, lease, spec)
+                d = self._new_direct(key, lease, spec)
             except Exception:
                 continue  # the caller's next spawn asks, and learns why
-            try:
-                socket.send_fds(self.control, [json.dumps(msg).encode()], send,
-                                socket.MSG_DONTWAIT)
-            except OSError:
-                self._end_direct(d)  # the caller is not reading (or is gone)
-                return
-            finally:
-                for fd in send:
-                    os.close(fd)
-            self._want_direct(key, 0.0)
+            if d.ready:  # else once its pid 1 says so (the next is planned then)
+                self._hand_over(d)
             return
 
     def _on_direct(self, d: _Direct) -> None:
@@ -756,6 +837,17 @@ class Zygote:
         self.direct.pop(d.n, None)
         if d.used:
             self._want_direct(d.key, 0.0)
+        d.close_lease()
+        if d.reply is not None:
+            self._send(d.reply, {"error": ["zygote", 0, "the sandbox ended before it was ready"]})
+            os.close(d.reply)
+            d.reply = None
+        if d.box is not None:
+            d.kill()  # its pid 1 (with every process in the namespace) and the waiter
+            d.box.direct = None
+        if d.init_pidfd >= 0:
+            os.close(d.init_pidfd)
+            d.init_pidfd = -1
         if d.sock is not None:
             self._unregister(d.sock)
             d.sock.close()
@@ -864,10 +956,12 @@ class Zygote:
             ruleset = dataclasses.replace(ruleset, path_rules=(*ruleset.path_rules, rule))
         return tmpdir, ruleset
 
-    def _fork_warm(self, spec: dict[str, Any], key: str) -> _Box:
+    def _fork_warm(self, spec: dict[str, Any], key: str, cgroup: str | None = None) -> _Box:
+        """Fork a child for this policy; with `cgroup`, in that sandbox cgroup (the caller's
+        to remove), else in a new one if the plan gives each sandbox one."""
         bpf, ruleset = self._prepared(key, spec)
         tmpdir = None
-        cgroup = None
+        owned = cgroup is None
         child_spec = spec
         try:
             tmpdir, ruleset = self._private_tmpdir(spec, ruleset)
@@ -882,7 +976,8 @@ class Zygote:
                 raise ValueError(f"the zygote does not start {engine!r} sandboxes")
             native = engine == "native"
             if spec.get("cgroup") is not None:
-                cgroup = self._new_cgroup(spec["cgroup"])
+                if cgroup is None:
+                    cgroup = self._new_cgroup(spec["cgroup"])
                 child_spec = {**child_spec, "cgroup_dir": cgroup,
                               "cgroup_relay": bool(spec["cgroup"].get("relay"))}
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -890,14 +985,14 @@ class Zygote:
         except BaseException:
             if tmpdir:
                 shutil.rmtree(tmpdir, ignore_errors=True)
-            if cgroup is not None:
+            if cgroup is not None and owned:
                 self._remove_cgroup(cgroup)
             raise
         if pid == 0:
             main(theirs.fileno(), {**child_spec, "cgroup_born": born}, bpf, self.pid,
                  self.host_caps)
         theirs.close()
-        box = _Box(pid, ours, tmpdir, native, cgroup)
+        box = _Box(pid, ours, tmpdir, native, cgroup if owned else None)
         box.relay = bool(child_spec.get("cgroup_relay"))
         box.spec = spec
         self.boxes[pid] = box
@@ -926,7 +1021,8 @@ class Zygote:
             return False
         fds: list[int] = []
         try:
-            data, fds = recv_fds(box.sock, MAX_MSG, 1, 0 if block else socket.MSG_DONTWAIT)
+            data, fds = recv_fds(box.sock, MAX_MSG, MAX_CHILD_FDS,
+                                 0 if block else socket.MSG_DONTWAIT)
         except BlockingIOError:
             return False
         except OSError:
@@ -950,7 +1046,11 @@ class Zygote:
             msg = json.loads(data)
         except ValueError:
             msg = {}
-        if "assigned" in msg:
+        if not isinstance(msg, dict):
+            msg = {}
+        if box.direct is not None:
+            self._on_direct_box(box.direct, msg, fds)
+        elif "assigned" in msg:
             self._on_assigned(box, dict(msg["assigned"] or {}), fds)
         elif "started" in msg and not box.started:
             box.started = True

@@ -118,8 +118,9 @@ class Plan:
     # else; killed with cgroup.kill), and the limits set on it: ("memory" | "pids", limit).
     cgroup: bool = False
     cgroup_limits: tuple[tuple[str, int], ...] = ()
-    # The landlock engine's payload is started by the caller itself (_direct.py), in a sandbox
-    # the zygote prepared: needs the spawn helper and a cgroup of its own per sandbox.
+    # The payload is started by the caller itself (_direct.py), in a sandbox the zygote
+    # prepared: needs the spawn helper, and for the landlock engine a cgroup of its own per
+    # sandbox (the native engine's pid namespace holds the whole sandbox).
     direct: bool = False
 
 
@@ -399,7 +400,7 @@ def _plan_landlock(policy: Policy, probe: HostProbe, weaker: frozenset[str], cal
 
 
 def _direct_spawn(probe: HostProbe) -> bool:
-    """Whether the landlock engine starts payloads from the caller: the spawn helper is there
+    """Whether payloads are started from the caller: the spawn helper is there
     and SANDSPAWN_DIRECT_SPAWN is not "0" (a switch for comparing the two ways)."""
     if os.environ.get("SANDSPAWN_DIRECT_SPAWN") == "0":
         return False
@@ -682,6 +683,8 @@ def _plan_ns(engine: str, policy: Policy, probe: HostProbe, weaker: frozenset[st
         inside_uid=host_uid,
         inside_gid=host_gid,
         bwrap=setup,
+        # The pid namespace holds the whole sandbox: no cgroup is needed for its lifetime.
+        direct=engine == "native" and _direct_spawn(probe),
     )
 
 

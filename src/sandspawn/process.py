@@ -36,6 +36,9 @@ STDOUT = subprocess.STDOUT
 # _heldgil). A request that went through the zygote may wait for a fork: it waits as usual.
 START_HOLD = 0.010
 EXIT_HOLD = 0.002
+# A namespace sandbox prepared ahead whose pid 1 is gone is replaced by the next one: this many
+# tries in all.
+DIRECT_ATTEMPTS = 3
 # How long wait() waits for the zygote's word on a direct sandbox that has exited (whether its
 # timeout ended it, the cgroup's outcome); the zygote sends it as soon as the pidfd tells it.
 DONE_WAIT = 5.0
@@ -203,20 +206,29 @@ class Popen:
         """Start the payload from here (_direct.py) in a sandbox the zygote prepared."""
         assert prepared.direct is not None
         client = zygote.client()
-        lease = client.direct_lease(prepared.key, prepared.lease, prepared.spec)
-        env = self.plan.env if not lease.tmpdir else {**self.plan.env, "TMPDIR": lease.tmpdir}
-        try:
-            pid, pidfd = prepared.direct.spawn(
-                executable, self.args, env, fd_map,
-                os.fspath(cwd) if cwd is not None else os.getcwd(), cwd is None,
-                lease.ruleset_fd, lease.cgroup_fd)
-        except _direct.DirectSpawnFailed as exc:
-            client.release(lease)  # unused: the zygote removes the sandbox
-            raise _step_error(exc.step, exc.errno or 0, str(exc.strerror), executable,
-                              cwd) from None
-        except BaseException:
-            client.release(lease)
-            raise
+        for attempt in range(DIRECT_ATTEMPTS):
+            lease = client.direct_lease(prepared.key, prepared.lease, prepared.spec)
+            env = (self.plan.env if not lease.tmpdir
+                   else {**self.plan.env, "TMPDIR": lease.tmpdir})
+            try:
+                pid, pidfd = prepared.direct.spawn(
+                    executable, self.args, env, fd_map,
+                    os.fspath(cwd) if cwd is not None else os.getcwd(), cwd is None,
+                    lease.ruleset_fd, lease.cgroup_fd, ns_fds=lease.ns_fds,
+                    ns_cgroup_fd=lease.ns_cgroup_fd)
+                break
+            except _direct.DirectSpawnFailed as exc:
+                client.release(lease)  # unused: the zygote removes the sandbox
+                if (exc.step == "clone into the namespaces" and exc.errno == errno.ENOMEM
+                        and attempt + 1 < DIRECT_ATTEMPTS):
+                    # Its pid 1 died before we came (killed, or its zygote died): the pid
+                    # namespace takes no new process (kernel/pid.c alloc_pid(), Linux 6.18).
+                    continue
+                raise _step_error(exc.step, exc.errno or 0, str(exc.strerror), executable,
+                                  cwd) from None
+            except BaseException:
+                client.release(lease)
+                raise
         lease.close_fds()
         self._lease = lease
         self._relay = bool((prepared.spec.get("cgroup") or {}).get("relay"))
@@ -436,7 +448,13 @@ class Popen:
             try:  # the zygote kills it, and tells the cgroup's outcome with "done"
                 _heldgil.send_fds(lease.sock.fileno(), b'{"kill": true}', [])
             except OSError:  # gone, or stuck: we kill it ourselves
-                kill_cgroup(lease.cgroup)
+                if lease.cgroup is not None:
+                    kill_cgroup(lease.cgroup)
+                elif self.pidfd is not None:  # its pid namespace died with the zygote
+                    try:
+                        signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+                    except OSError:
+                        pass
             return
         status = self._status
         if self.returncode is None and status is not None:
@@ -689,6 +707,14 @@ def _direct_spawner(plan: Plan) -> _direct.Spawner:
     from .confine import caps, seccomp
 
     bpf = seccomp.compile_bpf(plan.seccomp) if plan.seccomp is not None else None
+    if plan.namespaces:
+        # A root caller's payload takes its ids inside the user namespace (mapped to the host
+        # uid/gid it runs as); an unprivileged caller's own ids are the mapped ones. Inside,
+        # the payload may and must drop the bounding set.
+        root = os.geteuid() == 0
+        return _direct.Spawner(bpf, plan.inside_uid if root else None,
+                               plan.inside_gid if root else None, caps.last_cap(),
+                               list(plan.rlimits), namespaces=True)
     bounding = caps.last_cap() if plan.uid is not None and caps.has_setpcap() else -1
     return _direct.Spawner(bpf, plan.uid, plan.gid, bounding, list(plan.rlimits))
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from typing import Any
 
 from .. import _heldgil
@@ -24,38 +25,60 @@ _BOOT = (
     "from sandspawn._zygote import main; main(sys.argv)"
 )
 MAX_MSG = 1 << 20
+# fds on one message from the zygote: a direct lease's socket, cgroup, ruleset and up to 7
+# namespace files
+MAX_LEASE_FDS = 12
 # Policies we keep a leased child for (the zygote keeps as many with pre-forked children).
 MAX_LEASES = 4
 # Prepared sandboxes we keep per policy spawned directly (the zygote sends this many ahead).
 DIRECT_AHEAD = 3
+# How long a caller whose zygote died waits for the processes of the namespace sandboxes it had
+# been sent ahead to die (PDEATHSIG) before it removes their cgroups (else the next zygote's
+# sweep does, a minute later).
+DYING_WAIT = 0.5
 
 
 class DirectLease:
     """A sandbox the zygote prepared for a direct spawn (see _zygote._Direct): its cgroup
-    (directory path and an fd of it), private /tmp, Landlock ruleset fd, and our end of its
-    lease socket."""
+    (directory path and an fd of it, if it has one), private /tmp, Landlock ruleset fd, a
+    namespace sandbox's namespace files (`ns_fds`, the user namespace first, and its cgroup
+    namespace apart), and our end of its lease socket."""
 
-    __slots__ = ("sock", "box", "tmpdir", "cgroup", "cgroup_fd", "ruleset_fd")
+    __slots__ = ("sock", "box", "tmpdir", "cgroup", "cgroup_fd", "ruleset_fd", "ns_fds",
+                 "ns_cgroup_fd")
 
     def __init__(self, msg: dict[str, Any], fds: list[int]) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fileno=fds[0])
         self.box = int(msg["box"])
         self.tmpdir: str | None = msg.get("tmpdir")
-        self.cgroup = str(msg["cgroup"])
-        self.cgroup_fd = fds[1]
-        self.ruleset_fd = fds[2] if msg.get("ruleset") else -1
+        self.cgroup: str | None = msg.get("cgroup")
+        rest = fds[1:]
+        self.cgroup_fd = rest.pop(0) if self.cgroup is not None else -1
+        self.ruleset_fd = rest.pop(0) if msg.get("ruleset") else -1
+        self.ns_fds = [rest.pop(0) for _ in range(int(msg.get("ns") or 0))]
+        self.ns_cgroup_fd = rest.pop(0) if msg.get("ns_cgroup") else -1
 
     @staticmethod
     def valid(msg: dict[str, Any], fds: list[int]) -> bool:
-        return (isinstance(msg.get("box"), int) and isinstance(msg.get("cgroup"), str)
-                and len(fds) == (3 if msg.get("ruleset") else 2))
+        cgroup = msg.get("cgroup")
+        ns = msg.get("ns") or 0
+        return (isinstance(msg.get("box"), int) and (cgroup is None or isinstance(cgroup, str))
+                and isinstance(ns, int) and 0 <= ns <= 8
+                and len(fds) == 1 + ns + sum(map(bool, (cgroup is not None, msg.get("ruleset"),
+                                                        msg.get("ns_cgroup")))))
+
+    def fd_count(self) -> int:
+        """How many fds we hold for it."""
+        return (1 + (self.cgroup_fd >= 0) + (self.ruleset_fd >= 0) + len(self.ns_fds)
+                + (self.ns_cgroup_fd >= 0))
 
     def close_fds(self) -> None:
-        """The cgroup and ruleset fds, once the payload runs (or will not)."""
-        for fd in (self.cgroup_fd, self.ruleset_fd):
+        """The cgroup, ruleset and namespace fds, once the payload runs (or will not)."""
+        for fd in (self.cgroup_fd, self.ruleset_fd, self.ns_cgroup_fd, *self.ns_fds):
             if fd >= 0:
                 _heldgil.close(fd)
-        self.cgroup_fd = self.ruleset_fd = -1
+        self.cgroup_fd = self.ruleset_fd = self.ns_cgroup_fd = -1
+        self.ns_fds = []
 
     def close(self) -> None:
         """Let go: unused, the zygote removes the sandbox; used, it keeps watching it."""
@@ -128,25 +151,39 @@ class ZygoteClient:
 
     def _drop_leases(self, remove: bool = False) -> None:
         """Let go of every lease; `remove`: the zygote died, so the cgroups of the sandboxes
-        it prepared for us (unused, empty) are ours to remove."""
+        it prepared for us (unused: empty, or holding a namespace sandbox's pid 1 and waiter,
+        which die with the zygote) are ours to remove."""
         for lease, _ in self._leases.values():
             _heldgil.close_socket(lease)
         self._leases.clear()
+        busy = []
         for prepared in self._direct.values():
             for direct in prepared:
                 direct.close()
-                if remove:
+                if remove and direct.cgroup is not None:
                     try:
                         os.rmdir(direct.cgroup)
                     except OSError:
-                        pass  # the next zygote sweeps what is left (_zygote._sweep_stale)
+                        kill_cgroup(direct.cgroup)
+                        busy.append(direct.cgroup)
         self._direct.clear()
+        deadline = time.monotonic() + DYING_WAIT
+        while busy and time.monotonic() < deadline:
+            time.sleep(0.005)
+            for path in list(busy):
+                try:
+                    os.rmdir(path)
+                    busy.remove(path)
+                except FileNotFoundError:
+                    busy.remove(path)
+                except OSError:
+                    pass  # still dying; past DYING_WAIT the next zygote sweeps it
 
     def _collect_leases(self, sock: socket.socket) -> None:
         """Take the leases the zygote sent since we last looked (never blocks)."""
         while True:
             try:
-                data, fds = _heldgil.recv_fds(sock.fileno(), MAX_MSG, 3)
+                data, fds = _heldgil.recv_fds(sock.fileno(), MAX_MSG, MAX_LEASE_FDS)
             except BlockingIOError:
                 return
             except OSError:
@@ -201,7 +238,14 @@ class ZygoteClient:
             if not kept:  # else the rest is picked up after the spawn (top_up)
                 self._collect_leases(control)
                 kept = self._direct.get(lease_id)
-            lease = kept.pop(0) if kept else None
+            lease = None
+            while kept and lease is None:
+                lease = kept.pop(0)
+                if _heldgil.poll_in(lease.sock.fileno(), 0):
+                    # The zygote closed it: the sandbox died unused (a namespace sandbox's pid
+                    # 1 killed); the zygote never writes there before "started".
+                    lease.close()
+                    lease = None
         if lease is None:
             sock = self.request({"op": "direct", "key": key, "spec": spec}, [])
             try:
@@ -220,8 +264,9 @@ class ZygoteClient:
                     os.close(fd)
                 raise SpawnError("zygote", 0, f"a bad answer from the zygote: {msg!r}")
             lease = DirectLease(msg, fds)
-        with self._live_lock:  # the zygote that prepared it (the current one) watches it
-            self._live[lease.cgroup] = self.pid or 0
+        if lease.cgroup is not None:  # a namespace sandbox without one dies with its pid 1
+            with self._live_lock:  # the zygote that prepared it (the current one) watches it
+                self._live[lease.cgroup] = self.pid or 0
         return lease
 
     def top_up(self) -> None:
@@ -234,8 +279,9 @@ class ZygoteClient:
     def release(self, lease: DirectLease) -> None:
         """Close what we hold of a direct sandbox, once its payload is reaped or if it never
         started (the zygote then removes it)."""
-        with self._live_lock:
-            self._live.pop(lease.cgroup, None)
+        if lease.cgroup is not None:
+            with self._live_lock:
+                self._live.pop(lease.cgroup, None)
         lease.close()
 
     def _give_back(self, control: socket.socket, lease: tuple[socket.socket, int]) -> None:
@@ -383,7 +429,7 @@ def read_message_soon(sock: socket.socket, hold: float
     if not _heldgil.poll_in(sock.fileno(), hold):
         return None
     try:
-        data, fds = _heldgil.recv_fds(sock.fileno(), MAX_MSG, 4)
+        data, fds = _heldgil.recv_fds(sock.fileno(), MAX_MSG, MAX_LEASE_FDS)
     except BlockingIOError:
         return None
     if not data:
@@ -398,7 +444,7 @@ def read_message(sock: socket.socket, timeout: float | None = None
     """One message from a status socket; (None, []) on EOF (the zygote died)."""
     sock.settimeout(timeout)
     try:
-        data, fds = recv_fds(sock, MAX_MSG, 4)
+        data, fds = recv_fds(sock, MAX_MSG, MAX_LEASE_FDS)
     finally:
         sock.settimeout(None)
     if not data:
