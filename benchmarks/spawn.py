@@ -32,14 +32,15 @@ BWRAP_ROOT = ["--ro-bind", "/usr", "/usr", "--symlink", "usr/lib", "/lib",
 
 
 PREFORKED = "sandspawn landlock engine, pre-forked children (SANDSPAWN_DIRECT_SPAWN=0)"
+NATIVE_PREFORKED = "sandspawn strict (native), pre-forked children (SANDSPAWN_DIRECT_SPAWN=0)"
 
 
-def _preforked() -> int:
+def _preforked(engine: str) -> int:
     os.environ["SANDSPAWN_DIRECT_SPAWN"] = "0"  # part of the plan's cache key: its own plan
     try:
-        return sandspawn.run([TRUE], "strict", allow_weaker={"processes"}, engine="landlock",
-                             cwd="/", stdin=sandspawn.DEVNULL, stdout=sandspawn.DEVNULL
-                             ).returncode
+        return sandspawn.run([TRUE], "strict", engine=engine, cwd="/",
+                             allow_weaker={"processes"} if engine == "landlock" else (),
+                             stdin=sandspawn.DEVNULL, stdout=sandspawn.DEVNULL).returncode
     finally:
         del os.environ["SANDSPAWN_DIRECT_SPAWN"]
 
@@ -55,9 +56,12 @@ def cases() -> dict[str, Callable[[], int]]:
             [TRUE], "strict", allow_weaker={"processes"}, engine="landlock", cwd="/",
             stdin=sandspawn.DEVNULL, stdout=sandspawn.DEVNULL).returncode,
     }
+    # The same engines the way they start payloads without the spawn helper (or, for the
+    # landlock engine, without a cgroup per sandbox).
+    if sandspawn.explain("strict", engine="native").direct:
+        out[NATIVE_PREFORKED] = lambda: _preforked("native")
     if sandspawn.explain("strict", engine="landlock", allow_weaker={"processes"}).direct:
-        # The same engine the way it starts payloads without the spawn helper or a cgroup.
-        out[PREFORKED] = _preforked
+        out[PREFORKED] = lambda: _preforked("landlock")
 
     bwrap = shutil.which("bwrap")
     if bwrap:
