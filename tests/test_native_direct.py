@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -96,11 +97,17 @@ def test_the_payload_is_the_callers_child_inside_the_sandboxs_namespaces(direct:
     assert p.wait(10) == -signal.SIGKILL
 
 
-def _same_ns(a: int, b: int, name: str) -> bool:
+def _ns_link(pid: int, name: str) -> str | None:
+    """Which namespace `pid` is in; None where we may not look (a non-dumpable process)."""
     try:
-        return os.readlink(f"/proc/{a}/ns/{name}") == os.readlink(f"/proc/{b}/ns/{name}")
+        return os.readlink(f"/proc/{pid}/ns/{name}")
     except OSError:
-        return False
+        return None
+
+
+def _same_ns(a: int, b: int, name: str) -> bool:
+    link = _ns_link(a, name)
+    return link is not None and link == _ns_link(b, name)
 
 
 # What the payload sees of its sandbox, printed as JSON: compared between the two ways of
@@ -168,6 +175,27 @@ def test_the_payload_cannot_reach_its_pid_1(direct: None) -> None:
     assert res.returncode == 0, res.stderr
     assert set(res.stdout.split()) <= {str(errno.EACCES), str(errno.EPERM)}, res.stdout
     assert len(res.stdout.split()) == 3
+
+
+def test_pid_1_forwards_sigterm_to_the_payload(direct: None) -> None:
+    """As an init does (and the pre-forked path's pid 1): SIGTERM sent to pid 1 from outside
+    reaches the payload, which is not pid 1's child here."""
+    with sandspawn.Popen(["sh", "-c", "trap 'echo got-term; exit 3' TERM; echo up; "
+                          "while :; do sleep 0.05; done"], "strict", stdout=sandspawn.PIPE,
+                         **OPTS) as proc:
+        assert proc.stdout is not None and proc.stdout.readline() == b"up\n"
+        with open(f"/proc/{proc.pid}/status") as f:
+            assert f"NSpid:\t{proc.pid}\t2\n" in f.read()
+        zyg = zygote.client().pid
+        assert zyg is not None
+        waiters = [w for w in _children_of(zyg) if _same_ns(w, proc.pid, "user")]
+        assert len(waiters) == 1
+        (init,) = _children_of(waiters[0])
+        os.kill(init, signal.SIGTERM)
+        ready, _, _ = select.select([proc.stdout], [], [], 10)
+        assert ready, "the payload never got the SIGTERM sent to its pid 1"
+        assert proc.stdout.readline() == b"got-term\n"
+        assert proc.wait(10) == 3
 
 
 def test_the_payloads_parent_is_outside_its_pid_namespace(direct: None) -> None:
@@ -279,8 +307,8 @@ def test_a_dead_pid_namespace_is_retried_in_the_next_sandbox(direct: None) -> No
             zyg = self.pid
             assert zyg is not None
             user_ns = os.readlink(f"/proc/self/fd/{lease.ns_fds[0]}")
-            for waiter in _children_of(zyg):
-                if os.readlink(f"/proc/{waiter}/ns/user") == user_ns:
+            for waiter in _children_of(zyg):  # (other children may be non-dumpable)
+                if _ns_link(waiter, "user") == user_ns:
                     killed.extend(_children_of(waiter))  # its pid 1
             for pid in killed:
                 os.kill(pid, signal.SIGKILL)

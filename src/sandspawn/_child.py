@@ -50,6 +50,7 @@ MAX_FDS = 253  # SCM_MAX_FD (include/net/scm.h)
 _CLOSE_RANGE_CLOEXEC = 1 << 2  # include/uapi/linux/close_range.h, Linux 5.11
 _FD_LAST = 0xFFFFFFFF
 _LIMITS_AT_EXEC = ("RLIMIT_AS", "RLIMIT_NOFILE", "RLIMIT_NPROC")
+DIRECT_PAYLOAD_PID = 2  # a direct spawn's payload in its namespace sandbox (_direct_init)
 
 
 class HostCaps:
@@ -529,16 +530,27 @@ def _namespace_files(flags: int) -> tuple[list[int], int, bool]:
 def _direct_init(sock: socket.socket, fds: list[int], joined: int, cgroup: bool) -> NoReturn:
     """Pid 1 of a sandbox the caller starts its payload in itself (_direct.py): the sandbox is
     built, so say "ready" with a pidfd of ourselves (for the zygote, to kill us) and our
-    namespace files (for the caller's clone to join), then only reap what is orphaned into
-    the pid namespace. We end when the zygote kills us (the sandbox is done, or unused) or
-    dies (PR_SET_PDEATHSIG of the waiter's): the kernel then kills every process in the
-    namespace, the payload too."""
+    namespace files (for the caller's clone to join), then reap what is orphaned into the pid
+    namespace and pass the signals an init forwards on to the payload. We end when the zygote
+    kills us (the sandbox is done, or unused) or dies (PR_SET_PDEATHSIG of the waiter's): the
+    kernel then kills every process in the namespace, the payload too."""
+    from .confine import namespaces
+
+    waited = {signal.SIGCHLD, *namespaces.FORWARDED_SIGNALS}  # all blocked by fork_init
     try:
         _send(sock, {"ready": True, "ns": joined, "ns_cgroup": cgroup}, fds)
         for fd in fds:
             os.close(fd)
         while True:
-            signal.sigwaitinfo({signal.SIGCHLD})  # blocked by fork_init
+            sig = signal.sigwaitinfo(waited).si_signo
+            if sig != signal.SIGCHLD:
+                try:
+                    # The payload is the first process cloned into the namespace after us,
+                    # so pid 2 (pids are not reused before pid_max wraps around).
+                    os.kill(DIRECT_PAYLOAD_PID, sig)
+                except OSError:
+                    pass
+                continue
             while True:
                 try:
                     pid, _ = os.waitpid(-1, os.WNOHANG)

@@ -262,7 +262,8 @@ static int ns_outer(void *arg) {
     /* A root caller drops its groups here (inside, setgroups is denied) but stays uid 0 until
      * the payload is born: CLONE_INTO_CGROUP checks write access to cgroup.procs of the
      * common ancestor (kernel/cgroup/cgroup.c cgroup_procs_write_permission(), Linux 6.18),
-     * which is root's. Nothing but this code runs as uid 0 in the namespaces. */
+     * which is root's. Nothing but this code runs as uid 0 in the namespaces, where nothing
+     * else runs yet but their pid 1 (ours: a sandbox serves one payload). */
     if (r->uid >= 0 && sc(SYS_setgroups, 0, 0, 0, 0, 0) < 0)
         return fail(r, ST_IDENTITY);
     for (i = 0; i < r->nns; i++)

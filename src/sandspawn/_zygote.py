@@ -33,8 +33,9 @@ outcome (OOM kills, forks refused by pids.max); without, the child tells the cal
 (a hop less) and the outcome comes only when we tell (killed, timed out). The cgroup is
 removed after that (a still populated one on a later tick).
 Direct spawns ({"op": "direct"}, and sandboxes sent ahead as {"direct": id, ...} on the control
-socket): the caller starts the payload itself (_direct.py) in a sandbox prepared here; see
-_Direct for what we still do for it.
+socket): the caller starts the payload itself (_direct.py) in a sandbox prepared here (for the
+native engine, a namespace sandbox built by a pre-forked child whose pid 1 then only waits as
+the namespace's init); see _Direct for what we still do for it.
 When the control socket reaches EOF (the caller exited, however it died), the zygote kills every
 sandbox it started, reaps everything (it is a child subreaper, so orphans come back to it) and
 exits.

@@ -1446,15 +1446,15 @@ _WANTED_CONTROLLERS = ("memory", "pids", "cpu")
 
 
 def _spawn_helper_fact() -> Fact:
-    """Whether the landlock engine can start payloads from the caller (_direct.py): the C
-    helper is built at install, where a compiler is there."""
+    """Whether the native and landlock engines can start payloads from the caller
+    (_direct.py): the C helper is built at install, where a compiler is there."""
     from . import _direct
 
     if _direct.load() is None:
         return Fact("spawn_helper", False, "not built", reason=_direct.why_not(),
                     remedy="install a C compiler (Debian: gcc and libc6-dev) and reinstall "
-                    "sandspawn; without the helper the landlock engine starts each payload "
-                    "from a pre-forked child (slower, same restrictions)")
+                    "sandspawn; without the helper the native and landlock engines start "
+                    "each payload from a pre-forked child (slower, same restrictions)")
     return Fact("spawn_helper", True, f"{_direct.library_path()}")
 
 
