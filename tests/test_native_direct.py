@@ -22,10 +22,12 @@ import sandspawn
 from forked import NOBODY
 from procs import alive, own_fds, sleepers
 from sandspawn import _direct, process
+from sandspawn.confine import cgroups
 from sandspawn.engines import zygote
 
 OPTS: dict[str, Any] = {"engine": "native", "cwd": "/"}
 PYTHON = "/usr/bin/python3"  # in the sandbox (strict binds /usr), whatever runs the tests
+SRC = os.path.dirname(os.path.dirname(os.path.abspath(sandspawn.__file__)))
 NS_NAMES = ("user", "mnt", "pid", "net", "ipc", "uts", "cgroup")
 
 
@@ -350,3 +352,75 @@ def test_the_pre_forked_path_stays_available(direct: None, pre_forked: None) -> 
     finally:
         p.kill()
     assert p.wait(10) == -signal.SIGKILL
+
+
+@pytest.mark.parametrize("helper,switch,direct", [(True, None, True), (False, None, False),
+                                                  (True, "0", False)])
+def test_the_plan_says_how_the_payload_starts(monkeypatch: pytest.MonkeyPatch, helper: bool,
+                                              switch: str | None, direct: bool) -> None:
+    """Direct wherever the helper is built, with or without a cgroup per sandbox (the pid
+    namespace holds the sandbox either way); the lifetime mechanism is the pid namespace's."""
+    import dataclasses
+
+    from sandspawn.plan import make_plan
+    from sandspawn.policy import Policy
+    from sandspawn.probe import Fact
+
+    try:
+        sandspawn.explain("strict", engine="native")
+    except sandspawn.CannotEnforce as exc:
+        pytest.skip(f"the native engine is refused here: {exc}")
+    probe = process.host_probe()
+    if switch is not None:
+        monkeypatch.setenv("SANDSPAWN_DIRECT_SPAWN", switch)
+    for cgroup in (True, False):
+        facts = [f for f in probe.facts if f.name not in ("spawn_helper", "cgroup2")]
+        facts.append(Fact("spawn_helper", helper, "test"))
+        facts.append(Fact("cgroup2", cgroup, "test"))
+        plan = make_plan(Policy.load("strict"), dataclasses.replace(probe, facts=tuple(facts)),
+                         engine="native")
+        assert plan.direct is direct
+        assert plan.report.line("lifetime").mechanism == "pid namespace"
+
+
+DELEGATED = """
+import json, sandspawn
+res = sandspawn.run(["sh", "-c", "echo $$ $PPID; id -u; tail -n 1 /proc/self/cgroup"], "strict",
+                    engine="native", cwd="/", capture_output=True, text=True)
+p = sandspawn.Popen(["sleep", "30"], "strict", engine="native", cwd="/")
+host_cgroup = open("/proc/%d/cgroup" % p.pid).read().splitlines()[-1]
+p.kill()
+print(json.dumps({"direct": p.plan.direct, "cgroup": p.plan.cgroup, "rc": res.returncode,
+                  "out": res.stdout, "err": res.stderr, "host_cgroup": host_cgroup,
+                  "killed": p.wait(10)}))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="setting up a delegated cgroup needs root")
+def test_an_unprivileged_caller_with_a_delegated_cgroup(direct: None) -> None:
+    """uid 65534 in a cgroup it owns (as systemd gives user sessions): the payload is cloned
+    into its sandbox's cgroup (CLONE_INTO_CGROUP by the unprivileged clone, from inside the
+    user namespace) and sees it as the root of its cgroup namespace."""
+    sup = cgroups.detect()
+    if sup.base is None:
+        pytest.skip(f"no cgroup v2 here: {sup.reason}")
+    home = os.path.join(sup.base, f"sandspawn-test-delegated-native-{os.getpid()}")
+    os.mkdir(home)
+    try:
+        for name in ("", "cgroup.procs", "cgroup.subtree_control", "cgroup.threads"):
+            os.chown(os.path.join(home, name), NOBODY, NOBODY)
+        script = (f"echo $$ > {home}/cgroup.procs && exec setpriv --reuid={NOBODY} "
+                  f"--regid={NOBODY} --clear-groups /usr/bin/python3 -c '{DELEGATED}'")
+        res = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=120,
+                             cwd="/", env={"PATH": "/usr/bin:/bin", "PYTHONPATH": SRC,
+                                           "HOME": "/"})
+        assert res.returncode == 0, res.stderr
+        out = json.loads(res.stdout)
+        assert out["direct"] and out["cgroup"] and out["rc"] == 0, out
+        assert out["out"].splitlines() == ["2 0", str(NOBODY), "0::/"], out
+        assert out["host_cgroup"].startswith(
+            "0::/" + os.path.relpath(home, sup.mount) + "/" + cgroups.PREFIX), out
+        assert out["killed"] == -signal.SIGKILL
+    finally:
+        for sub in sorted((d for d, _, _ in os.walk(home)), key=len, reverse=True):
+            cgroups.SandboxCgroup(sub).remove(timeout=5)

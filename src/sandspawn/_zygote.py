@@ -153,8 +153,9 @@ class _Direct:
 
     A namespace sandbox (the native engine) is built by a pre-forked child (`box`, whose pid 1
     waits as the namespace's init, _child._direct_init); the lease goes out once its pid 1 says
-    "ready", with a pidfd of it (the caller joins its namespaces through it). Killing pid 1
-    ends the pid namespace, the payload with it; so does our death (its PDEATHSIG)."""
+    "ready" with its namespace files (the caller's clone joins them) and a pidfd of it (ours,
+    to kill it). Killing pid 1 ends the pid namespace, the payload with it; so does our death
+    (its PDEATHSIG)."""
 
     __slots__ = ("n", "key", "sock", "cgroup", "tmpdir", "pidfd", "deadline", "timed_out",
                  "relay", "used", "killed", "exited", "box", "init_pidfd", "lease", "reply")
@@ -640,7 +641,7 @@ class Zygote:
     def _new_direct(self, key: str, lease: str, spec: dict[str, Any]) -> _Direct:
         """Prepare a sandbox for a direct spawn. Its lease (d.lease: the message, and the fds
         to send with it: the caller's end of the lease socket, the cgroup's directory, the
-        Landlock ruleset, and a pidfd of a namespace sandbox's pid 1) is complete at once, or
+        Landlock ruleset, and a namespace sandbox's namespace files) is complete at once, or
         for a namespace sandbox once its pid 1 says "ready" (_on_direct_box). Raises
         _CgroupFailed or OSError; nothing is left behind then."""
         from .confine import landlock
@@ -708,7 +709,9 @@ class Zygote:
         self._want_direct(d.key, 0.0)
 
     def _on_direct_box(self, d: _Direct, msg: dict[str, Any], fds: list[int]) -> None:
-        """A message from the pid 1 building a namespace sandbox for a direct spawn."""
+        """A message from the pid 1 building a namespace sandbox for a direct spawn: "ready"
+        with its pidfd and namespace files, or why it failed (anything else fails it too: a
+        caller may be waiting for it)."""
         if d.ready or self.direct.get(d.n) is not d or d.lease is None:
             return
         joined, cgroup = msg.get("ns"), bool(msg.get("ns_cgroup"))
@@ -718,8 +721,9 @@ class Zygote:
             d.lease[0].update(ns=joined, ns_cgroup=cgroup)
             d.lease[1].extend(os.dup(fd) for fd in fds[1:])
             self._hand_over(d)
-        elif "error" in msg:
-            self._direct_failed(d, msg["error"])
+        else:
+            self._direct_failed(d, msg.get("error") or [
+                "sandbox", 0, f"an unexpected message from its pid 1: {str(msg)[:200]}"])
 
     def _direct_failed(self, d: _Direct, error: list[Any]) -> None:
         """A namespace sandbox could not be built: the caller waiting for it learns why."""
