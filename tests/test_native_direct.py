@@ -82,18 +82,14 @@ def test_the_payload_is_the_callers_child_inside_the_sandboxs_namespaces(direct:
         assert os.getsid(p.pid) == p.pid
         for name in NS_NAMES:
             assert os.readlink(f"/proc/{p.pid}/ns/{name}") != os.readlink(f"/proc/self/ns/{name}")
-        # Its namespaces are those of the pid 1 that built the sandbox: the child of the
-        # zygote's child that entered its user namespace (pid 1 itself is non-dumpable: only
-        # root may read its /proc/<pid>/ns).
+        # Its namespaces are those of the pid 1 that built the sandbox, a child of the zygote
+        # (only root may read that non-dumpable pid 1's /proc/<pid>/ns).
         zyg = zygote.client().pid
-        assert zyg is not None
-        waiters = [w for w in _children_of(zyg) if _same_ns(w, p.pid, "user")]
-        assert len(waiters) == 1
-        inits = _children_of(waiters[0])
-        assert len(inits) == 1 and _status(inits[0])["NSpid"].split()[-1] == "1"
+        assert zyg is not None and _sandbox_inits(zyg)
         if os.geteuid() == 0:
+            (init,) = [q for q in _sandbox_inits(zyg) if _same_ns(q, p.pid, "pid")]
             for name in NS_NAMES:
-                assert _same_ns(inits[0], p.pid, name), name
+                assert _same_ns(init, p.pid, name), name
     finally:
         p.kill()
     assert p.wait(10) == -signal.SIGKILL
@@ -182,22 +178,28 @@ def test_the_payload_cannot_reach_its_pid_1(direct: None) -> None:
 def test_pid_1_forwards_sigterm_to_the_payload(direct: None) -> None:
     """As an init does (and the pre-forked path's pid 1): SIGTERM sent to pid 1 from outside
     reaches the payload, which is not pid 1's child here."""
-    with sandspawn.Popen(["sh", "-c", "trap 'echo got-term; exit 3' TERM; echo up; "
-                          "while :; do sleep 0.05; done"], "strict", stdout=sandspawn.PIPE,
-                         **OPTS) as proc:
+    proc = sandspawn.Popen(["sh", "-c", "trap 'echo got-term; exit 3' TERM; echo up; "
+                            "while :; do sleep 0.05; done"], "strict", stdout=sandspawn.PIPE,
+                           **OPTS)
+    try:
         assert proc.stdout is not None and proc.stdout.readline() == b"up\n"
         with open(f"/proc/{proc.pid}/status") as f:
             assert f"NSpid:\t{proc.pid}\t2\n" in f.read()
         zyg = zygote.client().pid
         assert zyg is not None
-        waiters = [w for w in _children_of(zyg) if _same_ns(w, proc.pid, "user")]
-        assert len(waiters) == 1
-        (init,) = _children_of(waiters[0])
-        os.kill(init, signal.SIGTERM)
+        # To every sandbox pid 1 of the zygote (which is ours is not for an unprivileged
+        # caller to see): those of unused sandboxes have no pid 2 to pass it to.
+        for init in _sandbox_inits(zyg):
+            os.kill(init, signal.SIGTERM)
         ready, _, _ = select.select([proc.stdout], [], [], 10)
         assert ready, "the payload never got the SIGTERM sent to its pid 1"
         assert proc.stdout.readline() == b"got-term\n"
         assert proc.wait(10) == 3
+    finally:
+        proc.kill()  # a failed check must not leave the loop running (wait() would hang)
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 def test_the_payloads_parent_is_outside_its_pid_namespace(direct: None) -> None:
@@ -249,10 +251,16 @@ def test_timeout_kills_what_left_the_session(direct: None) -> None:
 
 
 def _sandbox_inits(zyg: int) -> list[int]:
-    """The pid 1s of the namespace sandboxes our zygote prepared (its children's children)."""
+    """The pid 1s of the namespace sandboxes our zygote prepared for direct spawns (its
+    children, each pid 1 of a pid namespace of its own)."""
     out = []
-    for waiter in _children_of(zyg):
-        out += _children_of(waiter)
+    for pid in _children_of(zyg):
+        try:
+            nspid = _status(pid)["NSpid"].split()
+        except (OSError, KeyError):
+            continue
+        if nspid[1:] == ["1"]:
+            out.append(pid)
     return out
 
 
@@ -288,7 +296,7 @@ def test_a_prepared_sandbox_that_died_is_not_used(direct: None) -> None:
     for pid in inits:
         os.kill(pid, signal.SIGKILL)
     assert _gone(inits, 5)
-    time.sleep(0.05)  # the zygote reaps their waiters and closes their leases
+    time.sleep(0.05)  # the zygote reaps them and closes their leases
     for _ in range(2 * zygote.DIRECT_AHEAD):
         res = sandspawn.run(["sh", "-c", "echo ok"], "strict", capture_output=True, **OPTS)
         assert (res.returncode, res.stdout) == (0, b"ok\n")
@@ -306,15 +314,23 @@ def test_a_dead_pid_namespace_is_retried_in_the_next_sandbox(direct: None) -> No
     def lease_then_kill(self: zygote.ZygoteClient, *args: Any) -> zygote.DirectLease:
         lease = real(self, *args)
         if not killed:
+            # Every prepared sandbox dies (which pid 1 is this lease's, an unprivileged caller
+            # may not see); we wait until the zygote has closed the leases it still had for
+            # us, so that only the one we took is dead when the spawn tries it.
             zyg = self.pid
             assert zyg is not None
-            user_ns = os.readlink(f"/proc/self/fd/{lease.ns_fds[0]}")
-            for waiter in _children_of(zyg):  # (other children may be non-dumpable)
-                if _ns_link(waiter, "user") == user_ns:
-                    killed.extend(_children_of(waiter))  # its pid 1
+            killed.extend(_sandbox_inits(zyg))
             for pid in killed:
                 os.kill(pid, signal.SIGKILL)
             assert _gone(killed, 5)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                self.top_up()
+                with self._lock:
+                    kept = [k for ks in self._direct.values() for k in ks]
+                if all(select.select([k.sock], [], [], 0)[0] for k in kept):
+                    break
+                time.sleep(0.01)
         return lease
 
     zygote.ZygoteClient.direct_lease = lease_then_kill  # type: ignore[method-assign]

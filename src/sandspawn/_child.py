@@ -469,28 +469,10 @@ def _native_pid1(sock: socket.socket, status: list[socket.socket], spec: dict[st
     """Pid 1: mounts → hostname → loopback → setsid → capabilities → no_new_privs → Landlock →
     seccomp, then the request; returns the payload's pid (pid 2). On failure it reports and
     exits, and the waiter exits as it did."""
-    from .confine import loopback, mounts, namespaces
-
-    direct = bool(spec.get("direct"))
     try:
-        try:
-            mounts.apply(mounts.ops_from_json(spec["mounts"]))
-        except mounts.MountError as exc:
-            raise _StepFailed(exc.step, exc.errno or 0, str(exc)) from None
-        if spec.get("hostname"):
-            _step("sethostname", namespaces.sethostname, spec["hostname"])
-        if spec.get("loopback"):
-            _step("loopback", loopback.bring_up_loopback)
-        _step("setsid", os.setsid)
-        # Inside the user namespace we hold every capability: drop them all, bounding set too.
-        _step("drop capabilities", caps.drop_bounding_set, host.last_cap)
-        # Before seccomp (which may deny them) and while /proc/self is ours to open.
-        own = _step("namespace files", _namespace_files, spec["namespaces"]) if direct else None
-        _lock_down(spec, bpf)
+        _build_inside(spec, bpf, host, direct=False)
     except BaseException as exc:
         _fail(sock.fileno(), spec, exc)
-    if own is not None:
-        _direct_init(sock, *own)
     try:
         assigned = _recv_assignment(sock, spec)
         status.append(assigned[0])
@@ -499,6 +481,84 @@ def _native_pid1(sock: socket.socket, status: list[socket.socket], spec: dict[st
     except BaseException as exc:
         _send_error(sock.fileno(), exc)
         os._exit(127)
+
+
+def _build_inside(spec: dict[str, Any], bpf: bytes | None, host: HostCaps, direct: bool
+                  ) -> tuple[list[int], int, bool] | None:
+    """Pid 1's part of a namespace sandbox: mounts → hostname → loopback → setsid →
+    capabilities → (for a direct spawn, its namespace files: _namespace_files) → no_new_privs →
+    Landlock → seccomp. Raises _StepFailed."""
+    from .confine import loopback, mounts, namespaces
+
+    try:
+        mounts.apply(mounts.ops_from_json(spec["mounts"]))
+    except mounts.MountError as exc:
+        raise _StepFailed(exc.step, exc.errno or 0, str(exc)) from None
+    if spec.get("hostname"):
+        _step("sethostname", namespaces.sethostname, spec["hostname"])
+    if spec.get("loopback"):
+        _step("loopback", loopback.bring_up_loopback)
+    _step("setsid", os.setsid)
+    # Inside the user namespace we hold every capability: drop them all, bounding set too.
+    _step("drop capabilities", caps.drop_bounding_set, host.last_cap)
+    # Before seccomp (which may deny them) and while /proc/self is ours to open.
+    own = _step("namespace files", _namespace_files, spec["namespaces"]) if direct else None
+    _lock_down(spec, bpf)
+    return own
+
+
+def native_direct_main(sock_fd: int, spec: dict[str, Any], bpf: bytes | None, parent: int,
+                       host: HostCaps) -> NoReturn:
+    """Pid 1 of a namespace sandbox for a direct spawn, cloned by the zygote straight into a new
+    user and pid namespace (no waiter: the payload comes from the caller, and its status goes
+    to the caller). The zygote writes our id maps, then says "go"; a root caller's zygote made
+    us as host uid 0, unmapped here, so we take the payload's ids first. Then the other
+    namespaces (unshared here: their cost is ours, not the zygote's; the cgroup namespace is
+    rooted at the cgroup we were born in), the sandbox, and _direct_init."""
+    from .confine import namespaces
+
+    gc.disable()  # a short-lived child: collecting would only copy the zygote's pages
+    try:
+        _fresh_child(sock_fd)
+        signal.pthread_sigmask(signal.SIG_BLOCK, _init_signals())  # for _direct_init
+        if os.read(sock_fd, 16) != b"go":  # EOF: the zygote died, or could not map our ids
+            os._exit(127)
+        _join_cgroup(spec)
+        if spec.get("set_ids"):
+            _step("set uid/gid", _set_ids, spec["inside_uid"], spec["inside_gid"])
+        # After the uid change (which clears it): die with the zygote, and check it did not die
+        # before (getppid() is 0 in a new pid namespace: its end of our socket tells).
+        _step("die with parent", _libc.prctl, _libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        if _peer_gone(sock_fd):
+            os._exit(127)
+        rest = spec["namespaces"] & ~(namespaces.CLONE_NEWUSER | namespaces.CLONE_NEWPID)
+        _step("unshare", namespaces.unshare, rest)
+        own = _build_inside(spec, bpf, host, direct=True)
+        assert own is not None
+    except BaseException as exc:
+        _fail(sock_fd, spec, exc)
+    _direct_init(socket.socket(fileno=sock_fd), *own)
+
+
+def _init_signals() -> set[signal.Signals]:
+    """What a direct spawn's pid 1 waits for: orphans to reap, and the signals an init
+    forwards."""
+    from .confine import namespaces
+
+    return {signal.SIGCHLD, *namespaces.FORWARDED_SIGNALS}
+
+
+def _set_ids(uid: int, gid: int) -> None:
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+
+
+def _peer_gone(fd: int) -> bool:
+    import select
+
+    poller = select.poll()
+    poller.register(fd, 0)  # POLLHUP is always reported
+    return any(ev & select.POLLHUP for _, ev in poller.poll(0))
 
 
 # /proc/self/ns files in the order the caller's clone joins them (the user namespace first: it
@@ -532,11 +592,9 @@ def _direct_init(sock: socket.socket, fds: list[int], joined: int, cgroup: bool)
     built, so say "ready" with a pidfd of ourselves (for the zygote, to kill us) and our
     namespace files (for the caller's clone to join), then reap what is orphaned into the pid
     namespace and pass the signals an init forwards on to the payload. We end when the zygote
-    kills us (the sandbox is done, or unused) or dies (PR_SET_PDEATHSIG of the waiter's): the
+    kills us (the sandbox is done, or unused) or dies (our PR_SET_PDEATHSIG): the
     kernel then kills every process in the namespace, the payload too."""
-    from .confine import namespaces
-
-    waited = {signal.SIGCHLD, *namespaces.FORWARDED_SIGNALS}  # all blocked by fork_init
+    waited = _init_signals()  # all blocked already
     try:
         _send(sock, {"ready": True, "ns": joined, "ns_cgroup": cgroup}, fds)
         for fd in fds:

@@ -103,7 +103,8 @@ class _Box:
     def __init__(self, pid: int, sock: socket.socket, tmpdir: str | None, native: bool,
                  cgroup: str | None = None) -> None:
         self.pid = pid  # our child: the landlock engine's parent of the payload, or the
-        # namespace sandbox's waiter (outside its pid namespace)
+        # namespace sandbox's waiter (outside its pid namespace), or for a direct spawn its
+        # pid 1 (cloned into its user and pid namespaces)
         self.sock = sock  # to the child (pid 1 of a namespace sandbox)
         self.tmpdir = tmpdir
         self.native = native
@@ -151,11 +152,12 @@ class _Direct:
     also kill the cgroup when the timeout comes, when the caller says {"kill": true} (its
     kill()), and when the caller dies.
 
-    A namespace sandbox (the native engine) is built by a pre-forked child (`box`, whose pid 1
-    waits as the namespace's init, _child._direct_init); the lease goes out once its pid 1 says
-    "ready" with its namespace files (the caller's clone joins them) and a pidfd of it (ours,
-    to kill it). Killing pid 1 ends the pid namespace, the payload with it; so does our death
-    (its PDEATHSIG)."""
+    A namespace sandbox (the native engine) is built by its pid 1 (`box`), which we clone
+    straight into new user and pid namespaces (_fork_warm, _map_ids) and which then waits as
+    the namespace's init (_child.native_direct_main, _direct_init); the lease goes out once
+    pid 1 says "ready" with its namespace files (the caller's clone joins them) and a pidfd of
+    it (ours, to kill it). Killing pid 1 ends the pid namespace, the payload with it; so does
+    our death (its PDEATHSIG)."""
 
     __slots__ = ("n", "key", "sock", "cgroup", "tmpdir", "pidfd", "deadline", "timed_out",
                  "relay", "used", "killed", "exited", "box", "init_pidfd", "lease", "reply")
@@ -174,7 +176,7 @@ class _Direct:
         self.used = False  # the caller started a payload in it
         self.killed = False  # the caller asked us to kill it ({"kill": true})
         self.exited: float | None = None  # when to handle the payload's exit (EXIT_DEFER)
-        self.box: _Box | None = None  # a namespace sandbox's builder (its waiter)
+        self.box: _Box | None = None  # a namespace sandbox's pid 1, our child
         self.init_pidfd = -1  # a pidfd of its pid 1, once ready
         # The lease not sent yet (message, fds), and the reply socket of a caller waiting for it.
         self.lease: tuple[dict[str, Any], list[int]] | None = None
@@ -848,7 +850,7 @@ class Zygote:
             os.close(d.reply)
             d.reply = None
         if d.box is not None:
-            d.kill()  # its pid 1 (with every process in the namespace) and the waiter
+            d.kill()  # its pid 1, with every process in the namespace
             d.box.direct = None
         if d.init_pidfd >= 0:
             os.close(d.init_pidfd)
@@ -980,43 +982,81 @@ class Zygote:
             if main is None:  # never run a payload under an engine we do not know
                 raise ValueError(f"the zygote does not start {engine!r} sandboxes")
             native = engine == "native"
+            # A namespace sandbox for a direct spawn needs no waiter: its pid 1 is cloned
+            # here, straight into a new user and pid namespace (_child.native_direct_main).
+            ns_flags = 0
+            if native and spec.get("direct"):
+                from .confine import namespaces
+
+                main = _child.native_direct_main
+                ns_flags = namespaces.CLONE_NEWUSER | namespaces.CLONE_NEWPID
+                child_spec = {**child_spec, "set_ids": os.geteuid() == 0}
             if spec.get("cgroup") is not None:
                 if cgroup is None:
                     cgroup = self._new_cgroup(spec["cgroup"])
                 child_spec = {**child_spec, "cgroup_dir": cgroup,
                               "cgroup_relay": bool(spec["cgroup"].get("relay"))}
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            pid, born = self._fork(cgroup)
+            pid, born = self._fork(cgroup, ns_flags)
+            if pid == 0:
+                main(theirs.fileno(), {**child_spec, "cgroup_born": born}, bpf, self.pid,
+                     self.host_caps)
+            theirs.close()
+            if ns_flags:
+                self._map_ids(pid, spec, ours)
         except BaseException:
             if tmpdir:
                 shutil.rmtree(tmpdir, ignore_errors=True)
             if cgroup is not None and owned:
                 self._remove_cgroup(cgroup)
             raise
-        if pid == 0:
-            main(theirs.fileno(), {**child_spec, "cgroup_born": born}, bpf, self.pid,
-                 self.host_caps)
-        theirs.close()
         box = _Box(pid, ours, tmpdir, native, cgroup if owned else None)
         box.relay = bool(child_spec.get("cgroup_relay"))
         box.spec = spec
         self.boxes[pid] = box
         return box
 
-    def _fork(self, cgroup: str | None) -> tuple[int, bool]:
-        """os.fork(), or with a sandbox cgroup a fork straight into it (clone.fork_into_cgroup:
-        no migration, which costs an RCU grace period). Returns (pid, born in the cgroup)."""
-        if cgroup is not None and self.clone_into_cgroup:
-            from .confine import clone
+    def _fork(self, cgroup: str | None, ns_flags: int = 0) -> tuple[int, bool]:
+        """os.fork(), or with a sandbox cgroup a fork straight into it (clone.fork_with: no
+        migration, which costs an RCU grace period), or with `ns_flags` a clone into new
+        namespaces. Returns (pid, born in the cgroup)."""
+        from .confine import clone
 
+        if cgroup is not None and self.clone_into_cgroup:
             fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
-                return clone.fork_into_cgroup(fd), True
+                return clone.fork_with(ns_flags, fd), True
             except OSError:
-                self.clone_into_cgroup = False  # refused here: children join after the fork
+                if not ns_flags:  # else the namespaces may be what was refused: see below
+                    self.clone_into_cgroup = False  # refused here: children join after fork
             finally:
                 os.close(fd)
+        if ns_flags:
+            pid = clone.fork_with(ns_flags)
+            if cgroup is not None:
+                self.clone_into_cgroup = False  # only the cgroup was refused
+            return pid, False
         return os.fork(), False
+
+    def _map_ids(self, pid: int, spec: dict[str, Any], sock: socket.socket) -> None:
+        """Write the id maps of a child cloned into a new user namespace, then tell it to go on.
+        From here, outside: a root zygote's child (host uid 0 until it takes these ids,
+        _child.native_direct_main) could not map 65534 itself (man 7 user_namespaces).
+        On failure the child is killed and reaped, and NamespaceError raised."""
+        from .confine import namespaces
+
+        try:
+            namespaces.write_id_maps(spec["inside_uid"], spec["uid"], spec["inside_gid"],
+                                     spec["gid"], pid=pid)
+            sock.send(b"go")
+        except BaseException:
+            sock.close()
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            _waitpid_quiet(pid)
+            raise
 
     # --- messages from children and callers -------------------------------------------------
 
@@ -1225,6 +1265,10 @@ def _children() -> list[int]:
 def main(argv: list[str]) -> None:
     fd, base = int(argv[1]), argv[3]
     _libc.prctl(_libc.PR_SET_CHILD_SUBREAPER, 1)
+    if os.geteuid() == 0:
+        # A child cloned into a new user namespace keeps our supplementary groups, and none
+        # can drop them there once setgroups is denied: a root zygote needs none, has none.
+        os.setgroups([])
     # Everything a sandbox child needs, imported once here rather than after each fork.
     from .confine import landlock, loopback, mounts, namespaces, seccomp  # noqa: F401
 

@@ -1,4 +1,4 @@
-"""fork() straight into a cgroup: clone3(CLONE_INTO_CGROUP), the way os.fork() forks.
+"""fork() straight into a cgroup and/or new namespaces: clone3, the way os.fork() forks.
 
 Moving a process into a cgroup after the fork (writing cgroup.procs) takes the cgroup
 threadgroup lock for writing, which waits for an RCU grace period when no migration happened
@@ -42,9 +42,19 @@ def fork_into_cgroup(cgroup_fd: int) -> int:
     """Like os.fork(), with the child born in the cgroup whose directory `cgroup_fd` is.
     Raises OSError (nothing forked) where clone3 or CLONE_INTO_CGROUP is refused: ENOSYS
     (kernel before 5.3, or a seccomp filter), EINVAL (before 5.7), EACCES/EPERM (the cgroup)."""
+    return fork_with(0, cgroup_fd)
+
+
+def fork_with(flags: int, cgroup_fd: int = -1) -> int:
+    """Like os.fork(), with clone flags (CLONE_NEW* namespaces: the child is born in them, pid 1
+    of a new pid namespace) and, with `cgroup_fd`, born in that cgroup. Raises OSError
+    (nothing forked) as clone3 does."""
     if threading_active():
-        raise OSError(errno.EDEADLK, "fork_into_cgroup needs a single-threaded process")
-    args = _CloneArgs(flags=CLONE_INTO_CGROUP, exit_signal=signal.SIGCHLD, cgroup=cgroup_fd)
+        raise OSError(errno.EDEADLK, "fork_with needs a single-threaded process")
+    if cgroup_fd >= 0:
+        flags |= CLONE_INTO_CGROUP
+    args = _CloneArgs(flags=flags, exit_signal=signal.SIGCHLD,
+                      cgroup=cgroup_fd if cgroup_fd >= 0 else 0)
     _before()
     ctypes.set_errno(0)
     pid = int(_held.syscall(ctypes.c_long(_libc.syscall_number("clone3")),
@@ -55,7 +65,7 @@ def fork_into_cgroup(cgroup_fd: int) -> int:
         return 0
     _after_parent()
     if pid < 0:
-        raise OSError(err, f"clone3(CLONE_INTO_CGROUP): {os.strerror(err)}")
+        raise OSError(err, f"clone3({flags:#x}): {os.strerror(err)}")
     return pid
 
 

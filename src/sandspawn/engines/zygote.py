@@ -151,8 +151,8 @@ class ZygoteClient:
 
     def _drop_leases(self, remove: bool = False) -> None:
         """Let go of every lease; `remove`: the zygote died, so the cgroups of the sandboxes
-        it prepared for us (unused: empty, or holding a namespace sandbox's pid 1 and waiter,
-        which die with the zygote) are ours to remove."""
+        it prepared for us (unused: empty, or holding a namespace sandbox's pid 1, which dies
+        with the zygote) are ours to remove."""
         for lease, _ in self._leases.values():
             _heldgil.close_socket(lease)
         self._leases.clear()
