@@ -5,9 +5,7 @@ Real clones, real cgroups, real Landlock and seccomp."""
 from __future__ import annotations
 
 import errno
-import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +16,7 @@ from typing import Any
 import pytest
 
 import sandspawn
+from delegated import delegated_cgroup, run_as_nobody_in
 from forked import NOBODY
 from procs import alive, own_fds
 from sandspawn import _direct
@@ -25,7 +24,6 @@ from sandspawn.confine import caps, cgroups, landlock, seccomp
 from sandspawn.engines import zygote
 
 OPTS: dict[str, Any] = {"engine": "landlock", "allow_weaker": {"processes"}, "cwd": "/"}
-SRC = os.path.dirname(os.path.dirname(os.path.abspath(sandspawn.__file__)))
 
 
 def _why_not_direct() -> str | None:
@@ -274,33 +272,17 @@ print(json.dumps({"direct": plan.direct, "lifetime": plan.report.line("lifetime"
 def test_an_unprivileged_caller_with_a_delegated_cgroup_spawns_directly(direct: None) -> None:
     """As systemd delegates a cgroup to every user session: uid 65534 in a cgroup it owns."""
     sup = cgroups.detect()
-    assert sup.base is not None
-    home = os.path.join(sup.base, f"sandspawn-test-delegated-{os.getpid()}")
-    os.mkdir(home)
-    try:
-        for name in ("", "cgroup.procs", "cgroup.subtree_control", "cgroup.threads"):
-            os.chown(os.path.join(home, name), NOBODY, NOBODY)
-        script = (f"echo $$ > {home}/cgroup.procs && exec setpriv --reuid={NOBODY} "
-                  f"--regid={NOBODY} --clear-groups /usr/bin/python3 -c '{DELEGATED}'")
-        res = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=120,
-                             cwd="/", env={"PATH": "/usr/bin:/bin", "PYTHONPATH": SRC,
-                                           "HOME": "/"})
-        assert res.returncode == 0, res.stderr
-        out = json.loads(res.stdout)
-        assert out["direct"] and out["lifetime"] == "zygote + cgroup.kill", out
-        assert out["rc"] == 0, out
-        lines = out["out"].splitlines()
-        assert lines[0] == str(NOBODY)
-        v2 = [ln for ln in lines if ln.startswith("0::")]
-        assert len(v2) == 1 and v2[0].startswith(
-            "0::/" + os.path.relpath(home, sup.mount) + "/" + cgroups.PREFIX), lines
-        assert len(lines) == 1 + len([ln for ln in lines if ":" in ln])  # no hostname read
-        assert "Permission denied" in out["err"]
-    finally:
-        for sub in sorted((d for d, _, _ in os.walk(home)), key=len, reverse=True):
-            cgroups.SandboxCgroup(sub).remove(timeout=5)
-        if os.path.isdir(home):
-            shutil.rmtree(home, ignore_errors=True)
+    with delegated_cgroup("delegated") as home:
+        out = run_as_nobody_in(home, DELEGATED)
+    assert out["direct"] and out["lifetime"] == "zygote + cgroup.kill", out
+    assert out["rc"] == 0, out
+    lines = out["out"].splitlines()
+    assert lines[0] == str(NOBODY)
+    v2 = [ln for ln in lines if ln.startswith("0::")]
+    assert sup.mount is not None and len(v2) == 1 and v2[0].startswith(
+        "0::/" + os.path.relpath(home, sup.mount) + "/" + cgroups.PREFIX), lines
+    assert len(lines) == 1 + len([ln for ln in lines if ":" in ln])  # no hostname read
+    assert "Permission denied" in out["err"]
 
 
 @pytest.mark.parametrize("helper,switch,direct", [(True, None, True), (False, None, False),

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 import sandspawn
+from delegated import delegated_cgroup, run_as_nobody_in
 from forked import NOBODY
 from procs import alive, own_fds, sleepers
 from sandspawn import _direct, process
@@ -27,7 +28,6 @@ from sandspawn.engines import zygote
 
 OPTS: dict[str, Any] = {"engine": "native", "cwd": "/"}
 PYTHON = "/usr/bin/python3"  # in the sandbox (strict binds /usr), whatever runs the tests
-SRC = os.path.dirname(os.path.dirname(os.path.abspath(sandspawn.__file__)))
 NS_NAMES = ("user", "mnt", "pid", "net", "ipc", "uts", "cgroup")
 
 
@@ -418,25 +418,12 @@ def test_an_unprivileged_caller_with_a_delegated_cgroup(direct: None) -> None:
     into its sandbox's cgroup (CLONE_INTO_CGROUP by the unprivileged clone, from inside the
     user namespace) and sees it as the root of its cgroup namespace."""
     sup = cgroups.detect()
-    if sup.base is None:
+    if sup.base is None or sup.mount is None:
         pytest.skip(f"no cgroup v2 here: {sup.reason}")
-    home = os.path.join(sup.base, f"sandspawn-test-delegated-native-{os.getpid()}")
-    os.mkdir(home)
-    try:
-        for name in ("", "cgroup.procs", "cgroup.subtree_control", "cgroup.threads"):
-            os.chown(os.path.join(home, name), NOBODY, NOBODY)
-        script = (f"echo $$ > {home}/cgroup.procs && exec setpriv --reuid={NOBODY} "
-                  f"--regid={NOBODY} --clear-groups /usr/bin/python3 -c '{DELEGATED}'")
-        res = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=120,
-                             cwd="/", env={"PATH": "/usr/bin:/bin", "PYTHONPATH": SRC,
-                                           "HOME": "/"})
-        assert res.returncode == 0, res.stderr
-        out = json.loads(res.stdout)
-        assert out["direct"] and out["cgroup"] and out["rc"] == 0, out
-        assert out["out"].splitlines() == ["2 0", str(NOBODY), "0::/"], out
-        assert out["host_cgroup"].startswith(
-            "0::/" + os.path.relpath(home, sup.mount) + "/" + cgroups.PREFIX), out
-        assert out["killed"] == -signal.SIGKILL
-    finally:
-        for sub in sorted((d for d, _, _ in os.walk(home)), key=len, reverse=True):
-            cgroups.SandboxCgroup(sub).remove(timeout=5)
+    with delegated_cgroup("delegated-native") as home:
+        out = run_as_nobody_in(home, DELEGATED)
+    assert out["direct"] and out["cgroup"] and out["rc"] == 0, out
+    assert out["out"].splitlines() == ["2 0", str(NOBODY), "0::/"], out
+    assert out["host_cgroup"].startswith(
+        "0::/" + os.path.relpath(home, sup.mount) + "/" + cgroups.PREFIX), out
+    assert out["killed"] == -signal.SIGKILL
