@@ -561,23 +561,22 @@ def _peer_gone(fd: int) -> bool:
     return any(ev & select.POLLHUP for _, ev in poller.poll(0))
 
 
-# /proc/self/ns files in the order the caller's clone joins them (the user namespace first: it
-# gives the capabilities the others' setns checks); the cgroup namespace comes last, apart.
-_NS_FILES = (("user", 0x10000000), ("mnt", 0x00020000), ("pid", 0x20000000),
-             ("net", 0x40000000), ("ipc", 0x08000000), ("uts", 0x04000000))  # CLONE_NEW*
-
-
 def _namespace_files(flags: int) -> tuple[list[int], int, bool]:
     """A pidfd of this process (pid 1), then its namespace files that `flags` (CLONE_NEW*)
-    name: (the fds, how many namespaces are to be joined, whether the last fd is the cgroup
-    namespace's)."""
+    name, in the order the caller's clone joins them (the user namespace first: it gives the
+    capabilities the others' setns checks): (the fds, how many namespaces are to be joined,
+    whether the last fd is the cgroup namespace's, which the payload joins itself)."""
+    from .confine import namespaces as ns
+
+    order = (("user", ns.CLONE_NEWUSER), ("mnt", ns.CLONE_NEWNS), ("pid", ns.CLONE_NEWPID),
+             ("net", ns.CLONE_NEWNET), ("ipc", ns.CLONE_NEWIPC), ("uts", ns.CLONE_NEWUTS))
     fds = [os.pidfd_open(os.getpid())]  # getpid() is 1: this process
     try:
-        for name, bit in _NS_FILES:
+        for name, bit in order:
             if flags & bit:
                 fds.append(os.open(f"/proc/self/ns/{name}", os.O_RDONLY | os.O_CLOEXEC))
         joined = len(fds) - 1
-        cgroup = bool(flags & 0x02000000)  # CLONE_NEWCGROUP
+        cgroup = bool(flags & ns.CLONE_NEWCGROUP)
         if cgroup:
             fds.append(os.open("/proc/self/ns/cgroup", os.O_RDONLY | os.O_CLOEXEC))
     except BaseException:
