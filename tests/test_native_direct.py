@@ -190,7 +190,7 @@ def test_pid_1_forwards_sigterm_to_the_payload(direct: None) -> None:
         # To every sandbox pid 1 of the zygote (which is ours is not for an unprivileged
         # caller to see): those of unused sandboxes have no pid 2 to pass it to.
         for init in _sandbox_inits(zyg):
-            os.kill(init, signal.SIGTERM)
+            _signal(init, signal.SIGTERM)
         ready, _, _ = select.select([proc.stdout], [], [], 10)
         assert ready, "the payload never got the SIGTERM sent to its pid 1"
         assert proc.stdout.readline() == b"got-term\n"
@@ -239,7 +239,7 @@ def test_caller_sigkill_kills_the_whole_namespace(direct: None) -> None:
         assert _gone(sleepers(tag), 1.0), "the sandbox outlived its caller"
     finally:
         for p in sleepers(tag):
-            os.kill(p, signal.SIGKILL)
+            _signal(p, signal.SIGKILL)
 
 
 def test_timeout_kills_what_left_the_session(direct: None) -> None:
@@ -262,6 +262,13 @@ def _sandbox_inits(zyg: int) -> list[int]:
         if nspid[1:] == ["1"]:
             out.append(pid)
     return out
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass  # a sandbox the zygote ended meanwhile (an unused one is removed at any time)
 
 
 def _children_of(pid: int) -> list[int]:
@@ -294,7 +301,7 @@ def test_a_prepared_sandbox_that_died_is_not_used(direct: None) -> None:
     inits = _sandbox_inits(zyg)
     assert inits
     for pid in inits:
-        os.kill(pid, signal.SIGKILL)
+        _signal(pid, signal.SIGKILL)
     assert _gone(inits, 5)
     time.sleep(0.05)  # the zygote reaps them and closes their leases
     for _ in range(2 * zygote.DIRECT_AHEAD):
@@ -321,7 +328,7 @@ def test_a_dead_pid_namespace_is_retried_in_the_next_sandbox(direct: None) -> No
             assert zyg is not None
             killed.extend(_sandbox_inits(zyg))
             for pid in killed:
-                os.kill(pid, signal.SIGKILL)
+                _signal(pid, signal.SIGKILL)
             assert _gone(killed, 5)
             deadline = time.monotonic() + 5
             while time.monotonic() < deadline:
