@@ -998,6 +998,10 @@ class Zygote:
                               "cgroup_relay": bool(spec["cgroup"].get("relay"))}
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             pid, born = self._fork(cgroup, ns_flags)
+            if pid != 0:
+                theirs.close()
+                if ns_flags:
+                    self._map_ids(pid, spec, ours)
         except BaseException:
             if tmpdir:
                 shutil.rmtree(tmpdir, ignore_errors=True)
@@ -1010,16 +1014,6 @@ class Zygote:
                      self.host_caps)
             finally:
                 os._exit(127)  # never back into our loop, whatever happened in main
-        theirs.close()
-        if ns_flags:
-            try:
-                self._map_ids(pid, spec, ours)
-            except BaseException:
-                if tmpdir:
-                    shutil.rmtree(tmpdir, ignore_errors=True)
-                if cgroup is not None and owned:
-                    self._remove_cgroup(cgroup)
-                raise
         box = _Box(pid, ours, tmpdir, native, cgroup if owned else None)
         box.relay = bool(child_spec.get("cgroup_relay"))
         box.spec = spec
