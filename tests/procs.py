@@ -1,9 +1,10 @@
-"""Looking at processes from outside, for the tests: alive (not a zombie), sleepers by tag,
-our own open fds."""
+"""Looking at processes from outside, for the tests: alive (not a zombie), gone, parent,
+/proc status fields, sleepers by tag, our own open fds."""
 
 from __future__ import annotations
 
 import os
+import time
 
 
 def alive(pid: int) -> bool:
@@ -13,6 +14,27 @@ def alive(pid: int) -> bool:
             return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (FileNotFoundError, ProcessLookupError):  # gone, or reaped while we read
         return False
+
+
+def gone(pids: list[int], timeout: float) -> bool:
+    """Whether every one of `pids` is dead (or a zombie) within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while any(alive(p) for p in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def ppid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def status(pid: int) -> dict[str, str]:
+    """/proc/<pid>/status as {field: value}."""
+    with open(f"/proc/{pid}/status") as f:
+        return {k: v.strip() for k, v in (line.split(":\t", 1) for line in f if ":\t" in line)}
 
 
 def sleepers(tag: str) -> list[int]:

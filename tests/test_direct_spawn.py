@@ -18,7 +18,7 @@ import pytest
 import sandspawn
 from delegated import delegated_cgroup, run_as_nobody_in
 from forked import NOBODY
-from procs import alive, own_fds
+from procs import alive, gone, own_fds, ppid, status
 from sandspawn import _direct
 from sandspawn.confine import caps, cgroups, landlock, seccomp
 from sandspawn.engines import zygote
@@ -43,52 +43,30 @@ def direct() -> None:
         pytest.skip(why)
 
 
-def _status_field(pid: int, name: str) -> str:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(name + ":"):
-                return line.split(":", 1)[1].strip()
-    raise KeyError(name)
-
-
-def _ppid(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[1])
-
-
 def _cgroup_dirs() -> set[str]:
     sup = cgroups.detect()
     assert sup.base is not None
     return {n for n in os.listdir(sup.base) if n.startswith(cgroups.PREFIX)}
 
 
-def _gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while alive(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
 def test_the_payload_is_the_callers_child_restricted_in_its_own_cgroup(direct: None) -> None:
     p = sandspawn.Popen(["sleep", "30"], "strict", **OPTS)
     try:
         assert p.plan.direct and p.report.line("lifetime").mechanism == "zygote + cgroup.kill"
-        assert _ppid(p.pid) == os.getpid()  # no supervisor in between
-        assert _status_field(p.pid, "NoNewPrivs") == "1"
-        assert _status_field(p.pid, "Seccomp") == "2"
-        assert int(_status_field(p.pid, "CapEff"), 16) == 0
-        assert int(_status_field(p.pid, "CapPrm"), 16) == 0
+        assert ppid(p.pid) == os.getpid()  # no supervisor in between
+        assert status(p.pid)["NoNewPrivs"] == "1"
+        assert status(p.pid)["Seccomp"] == "2"
+        assert int(status(p.pid)["CapEff"], 16) == 0
+        assert int(status(p.pid)["CapPrm"], 16) == 0
         if os.geteuid() == 0:
-            assert int(_status_field(p.pid, "CapBnd"), 16) == 0
-            assert _status_field(p.pid, "Uid").split() == [str(NOBODY)] * 4
-            assert _status_field(p.pid, "Groups") == ""
+            assert int(status(p.pid)["CapBnd"], 16) == 0
+            assert status(p.pid)["Uid"].split() == [str(NOBODY)] * 4
+            assert status(p.pid)["Groups"] == ""
         assert os.getsid(p.pid) == p.pid  # a session of its own
         with open(f"/proc/{p.pid}/cgroup") as f:
             own = f.read().split("::", 1)[1].strip()
         assert os.path.basename(own).startswith(cgroups.PREFIX)
-        assert int(_status_field(p.pid, "SigBlk"), 16) == 0
+        assert int(status(p.pid)["SigBlk"], 16) == 0
     finally:
         p.kill()
     assert p.wait(10) == -signal.SIGKILL
@@ -109,7 +87,7 @@ def test_what_the_payload_leaves_behind_dies_when_it_exits(direct: None) -> None
     res = sandspawn.run(["sh", "-c", "setsid sleep 60 & echo $!"], "strict",
                         capture_output=True, text=True, timeout=30, **OPTS)
     assert res.returncode == 0 and time.monotonic() - t < 10
-    assert _gone(int(res.stdout), 5), "a leftover outlived the payload"
+    assert gone([int(res.stdout)], 5), "a leftover outlived the payload"
 
 
 @pytest.mark.parametrize("cwd,step,err", [({"cwd": "/nonexistent"}, "chdir", errno.ENOENT),
@@ -185,7 +163,7 @@ def test_caller_sigkill_kills_an_escapee_of_a_direct_sandbox(direct: None) -> No
             time.sleep(0.01)
         caller.kill()
         caller.wait()
-        assert all(_gone(p, 1.0) for p in pids), "the sandbox outlived its caller"
+        assert all(gone([p], 1.0) for p in pids), "the sandbox outlived its caller"
     finally:
         for p in pids:
             try:

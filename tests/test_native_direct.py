@@ -21,7 +21,7 @@ import pytest
 import sandspawn
 from delegated import delegated_cgroup, run_as_nobody_in
 from forked import NOBODY
-from procs import alive, own_fds, sleepers
+from procs import alive, gone, own_fds, ppid, sleepers, status
 from sandspawn import _direct, process
 from sandspawn.confine import cgroups
 from sandspawn.engines import zygote
@@ -44,31 +44,12 @@ def pre_forked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SANDSPAWN_DIRECT_SPAWN", "0")  # part of the plan's cache key
 
 
-def _status(pid: int) -> dict[str, str]:
-    with open(f"/proc/{pid}/status") as f:
-        return {k: v.strip() for k, v in (line.split(":\t", 1) for line in f if ":\t" in line)}
-
-
-def _ppid(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[1])
-
-
-def _gone(pids: list[int], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while any(alive(p) for p in pids):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
 def test_the_payload_is_the_callers_child_inside_the_sandboxs_namespaces(direct: None) -> None:
     p = sandspawn.Popen(["sleep", "30"], "strict", **OPTS)
     try:
         assert p.plan.direct and p.report.line("lifetime").mechanism == "pid namespace"
-        assert _ppid(p.pid) == os.getpid()  # no supervisor in between
-        st = _status(p.pid)
+        assert ppid(p.pid) == os.getpid()  # no supervisor in between
+        st = status(p.pid)
         # The host's view of its credentials: never host root, not even for a root caller.
         host_uid = str(NOBODY if os.geteuid() == 0 else os.getuid())
         assert st["Uid"].split() == [host_uid] * 4
@@ -236,7 +217,7 @@ def test_caller_sigkill_kills_the_whole_namespace(direct: None) -> None:
             time.sleep(0.01)
         caller.kill()
         caller.wait()
-        assert _gone(sleepers(tag), 1.0), "the sandbox outlived its caller"
+        assert gone(sleepers(tag), 1.0), "the sandbox outlived its caller"
     finally:
         for p in sleepers(tag):
             _signal(p, signal.SIGKILL)
@@ -247,7 +228,7 @@ def test_timeout_kills_what_left_the_session(direct: None) -> None:
     with pytest.raises(subprocess.TimeoutExpired):
         sandspawn.run(["sh", "-c", f"for i in 1 2 3; do setsid sleep {tag} & done; wait"],
                       "strict", timeout=1.0, **OPTS)
-    assert _gone(sleepers(tag), 2.0)
+    assert gone(sleepers(tag), 2.0)
 
 
 def _sandbox_inits(zyg: int) -> list[int]:
@@ -256,7 +237,7 @@ def _sandbox_inits(zyg: int) -> list[int]:
     out = []
     for pid in _children_of(zyg):
         try:
-            nspid = _status(pid)["NSpid"].split()
+            nspid = status(pid)["NSpid"].split()
         except (OSError, KeyError):
             continue
         if nspid[1:] == ["1"]:
@@ -302,7 +283,7 @@ def test_a_prepared_sandbox_that_died_is_not_used(direct: None) -> None:
     assert inits
     for pid in inits:
         _signal(pid, signal.SIGKILL)
-    assert _gone(inits, 5)
+    assert gone(inits, 5)
     time.sleep(0.05)  # the zygote reaps them and closes their leases
     for _ in range(2 * zygote.DIRECT_AHEAD):
         res = sandspawn.run(["sh", "-c", "echo ok"], "strict", capture_output=True, **OPTS)
@@ -329,7 +310,7 @@ def test_a_dead_pid_namespace_is_retried_in_the_next_sandbox(direct: None) -> No
             killed.extend(_sandbox_inits(zyg))
             for pid in killed:
                 _signal(pid, signal.SIGKILL)
-            assert _gone(killed, 5)
+            assert gone(killed, 5)
             deadline = time.monotonic() + 5
             while time.monotonic() < deadline:
                 self.top_up()
@@ -371,7 +352,7 @@ def test_the_pre_forked_path_stays_available(direct: None, pre_forked: None) -> 
     p = sandspawn.Popen(["sleep", "30"], "strict", **OPTS)
     try:
         assert not p.plan.direct
-        assert _ppid(p.pid) != os.getpid()  # pid 1 of its namespace, in the zygote's tree
+        assert ppid(p.pid) != os.getpid()  # pid 1 of its namespace, in the zygote's tree
     finally:
         p.kill()
     assert p.wait(10) == -signal.SIGKILL
