@@ -523,7 +523,7 @@ import json, os, sys
 from sandspawn.confine import clone
 fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
 r, w = os.pipe()
-pid = clone.fork_into_cgroup(fd)
+pid = clone.fork_with(0, fd)
 if pid == 0:
     with open("/proc/self/cgroup") as f:
         os.write(w, f.read().encode())
@@ -566,7 +566,7 @@ def test_fork_into_cgroup_refuses_a_threaded_process(cg: SandboxCgroup) -> None:
     fd = cg.open_dir()
     try:
         with pytest.raises(OSError) as info:
-            clone.fork_into_cgroup(fd)
+            clone.fork_with(0, fd)
         assert info.value.errno == errno.EDEADLK
     finally:
         os.close(fd)

@@ -38,17 +38,12 @@ for _fn in (_before, _after_child, _after_parent):
     _fn.restype = None
 
 
-def fork_into_cgroup(cgroup_fd: int) -> int:
-    """Like os.fork(), with the child born in the cgroup whose directory `cgroup_fd` is.
-    Raises OSError (nothing forked) where clone3 or CLONE_INTO_CGROUP is refused: ENOSYS
-    (kernel before 5.3, or a seccomp filter), EINVAL (before 5.7), EACCES/EPERM (the cgroup)."""
-    return fork_with(0, cgroup_fd)
-
-
 def fork_with(flags: int, cgroup_fd: int = -1) -> int:
     """Like os.fork(), with clone flags (CLONE_NEW* namespaces: the child is born in them, pid 1
-    of a new pid namespace) and, with `cgroup_fd`, born in that cgroup. Raises OSError
-    (nothing forked) as clone3 does."""
+    of a new pid namespace) and, with `cgroup_fd`, born in the cgroup whose directory that is.
+    Raises OSError (nothing forked) where clone3 refuses: ENOSYS (kernel before 5.3, or a
+    seccomp filter), EINVAL (CLONE_INTO_CGROUP before 5.7), EACCES/EPERM (the cgroup, or a
+    user namespace not allowed here), EDEADLK (this process has threads)."""
     if threading_active():
         raise OSError(errno.EDEADLK, "fork_with needs a single-threaded process")
     if cgroup_fd >= 0:
