@@ -357,3 +357,34 @@ def test_a_leased_child_dying_before_it_takes_the_request_is_retried(opts: dict[
         killer.join()
     assert (res.returncode, res.stdout) == (0, b"again\n"), res.stderr
     assert client.pid == zyg
+
+
+def test_the_rehearsal_runs_nothing_and_leaves_nothing() -> None:
+    """A ready child goes through a request before the real one (_child._rehearse): its
+    payload is a directory, which execve never runs, and it leaves no fd or child behind."""
+    from forked import in_child
+    from sandspawn import _child
+
+    def body() -> dict[str, Any]:
+        exited: list[int] = []  # the rehearsal's clone, reaped by posix_spawn itself
+        signal.signal(signal.SIGCHLD, lambda *_: exited.append(1))
+        before = sorted(os.listdir("/proc/self/fd"))
+        _child._rehearse()
+        cloned = len(exited)
+        after = sorted(os.listdir("/proc/self/fd"))
+        try:
+            os.waitpid(-1, os.WNOHANG)
+            left = True
+        except ChildProcessError:
+            left = False
+        try:
+            os.posix_spawn("/", ["/"], {})
+            ran = True
+        except PermissionError:
+            ran = False
+        return {"fds": after == before, "child_left": left, "ran": ran,
+                "cloned": cloned}
+
+    res = in_child(body)
+    assert res.error is None, res.error
+    assert res.value == {"fds": True, "child_left": False, "ran": False, "cloned": 1}
