@@ -5,7 +5,7 @@ Every round runs each case once, in a shuffled order, so all cases share the mac
 Reports p50/p90/p99 in microseconds, the p50 ratio to plain subprocess, and the paired ratio
 (median over rounds of case/plain within the round, robust to drift).
 
-    python3 benchmarks/spawn.py [--rounds 300] [--json] [--callers 2 --seconds 3]
+    python3 benchmarks/spawn.py [--rounds 300] [--json] [--callers 2 --seconds 3] [--only A,B]
     setpriv --reuid=65534 --regid=65534 --clear-groups python3 benchmarks/spawn.py
 """
 
@@ -111,6 +111,10 @@ def main() -> int:
     ap.add_argument("--gap", type=float, default=0.0,
                     help="idle seconds before each timed spawn (lets background work settle: "
                          "sandspawn prepares the next sandbox after each spawn)")
+    ap.add_argument("--only", default="",
+                    help="comma-separated parts of case names to keep (plain is always kept), "
+                         "e.g. --only 'landlock engine (strict' for one case without the others' "
+                         "background work")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--callers", type=int, default=0,
                     help="also measure spawns/second with this many concurrent callers")
@@ -121,6 +125,10 @@ def main() -> int:
         return worker(args.worker, args.seconds)
 
     todo = cases()
+    wanted = [part for part in args.only.split(",") if part]
+    if wanted:
+        todo = {name: fn for i, (name, fn) in enumerate(todo.items())
+                if i == 0 or any(part in name for part in wanted)}
     names = list(todo)
     samples: dict[str, list[float]] = {n: [] for n in names}
     for i in range(args.warmup + args.rounds):
