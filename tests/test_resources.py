@@ -176,6 +176,10 @@ sys.stdin.read()
 """
 
 
+HELD = 30  # unrelated processes of the payload's uid during the fork bomb
+NATIVE_FEWEST = 64 - 4 - 20  # 40: above 64 - HELD - 2 = 32, the most a host-wide count allows
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("caller", callers())
 def test_fork_bomb_under_pids_64_is_contained(caller: str, engine: str) -> None:
@@ -187,24 +191,27 @@ def test_fork_bomb_under_pids_64_is_contained(caller: str, engine: str) -> None:
     waiter outside the pid namespace where payloads start from pre-forked children), so the
     payload gets 64 - 1 (direct spawn) or 64 - 2; the parent level is checked against the
     zygote's RLIMIT_NPROC. The landlock engine has no user namespace: the count is
-    every process of the payload's uid on the whole host (here 10 unrelated `sleep`s of that
+    every process of the payload's uid on the whole host (here HELD unrelated `sleep`s of that
     uid, plus the caller and zygote when the caller is that uid), so the bomb gets fewer.
     Either way the bomb ends (fork fails with EAGAIN), and the caller, whose own RLIMIT_NPROC
     is not lowered, can still fork while it stands."""
-    out = run_case(caller, engine, [PYTHON, "-c", BOMB], sync=True, hold=10, pids=64)
+    out = run_case(caller, engine, [PYTHON, "-c", BOMB], sync=True, hold=HELD, pids=64)
     assert out["returncode"] == 0, out
     bomb = json.loads(out["first"])
     assert bomb["errors"] == [errno.EAGAIN]
     if engine == "native":
         # [waiter] + pid 1 + the payload's first process + the bomb's root + its children <= 64;
-        # not always equal: copy_process() counts a fork before checking, so two forks racing
-        # for the last slot can both fail.
+        # not always equal: copy_process() counts a fork before it checks (kernel/fork.c,
+        # Linux 6.18), so forks racing near the limit can fail together, and a bomb process
+        # whose fork fails stops for good. On a loaded 2-vCPU machine (CI) 15 slots were left
+        # unused. The lower bound still sets the namespace's count apart from a host-wide one,
+        # which the HELD processes would keep at or below 64 - HELD - 2.
         others = 3 if sandspawn.explain("strict", engine="native").direct else 4
-        assert 64 - 4 - 8 <= bomb["children"] <= 64 - others
+        assert NATIVE_FEWEST <= bomb["children"] <= 64 - others
     else:
-        # 10 held processes of the uid count too: at most 64 - 10 - 2 (and possibly none:
+        # HELD processes of the uid count too: at most 64 - HELD - 2 (and possibly none:
         # every other process of that uid on the host, pre-forked sandboxes included, counts)
-        assert 0 <= bomb["children"] <= 64 - 10 - 2
+        assert 0 <= bomb["children"] <= 64 - HELD - 2
     done, seconds = out["caller_forks"]
     assert done == 0 and seconds < 5
     assert out["report"]["status"] == "weakened" and "RLIMIT_NPROC" in out["report"]["meaning"]
