@@ -106,8 +106,7 @@ def _drop_identity(uid: int, gid: int, host: HostCaps) -> None:
     if host.setpcap:
         caps.drop_bounding_set(host.last_cap)
     os.setgroups([])
-    os.setresgid(gid, gid, gid)
-    os.setresuid(uid, uid, uid)
+    _set_ids(uid, gid)
 
 
 def _chdir(path: str, fallback: bool) -> None:

@@ -849,8 +849,9 @@ class Zygote:
             self._send(d.reply, {"error": ["zygote", 0, "the sandbox ended before it was ready"]})
             os.close(d.reply)
             d.reply = None
+        if d.box is not None or d.cgroup is not None:
+            d.kill()  # its pid 1, with every process in the namespace; its cgroup's processes
         if d.box is not None:
-            d.kill()  # its pid 1, with every process in the namespace
             d.box.direct = None
         if d.init_pidfd >= 0:
             os.close(d.init_pidfd)
@@ -866,7 +867,6 @@ class Zygote:
         if d.tmpdir:
             _remove_tmpdir(d.tmpdir)
         if d.cgroup is not None:
-            d.kill()
             self._remove_cgroup(d.cgroup)
             d.cgroup = None
 
