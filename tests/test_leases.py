@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import signal
 import socket
 import tempfile
@@ -357,6 +358,109 @@ def test_a_leased_child_dying_before_it_takes_the_request_is_retried(opts: dict[
         killer.join()
     assert (res.returncode, res.stdout) == (0, b"again\n"), res.stderr
     assert client.pid == zyg
+
+
+def _keep_tickets(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """Copies of both ends of every ticket the caller makes from now on (closed at the end of
+    the test by the caller of this helper)."""
+    from sandspawn import _heldgil
+
+    kept: list[tuple[int, int]] = []
+    real = _heldgil.ticket
+
+    def keeping() -> tuple[int, int]:
+        r, w = real()
+        kept.append((os.dup(r), os.dup(w)))
+        return r, w
+
+    monkeypatch.setattr(_heldgil, "ticket", keeping)
+    return kept
+
+
+def test_a_leased_child_takes_its_ticket(opts: dict[str, Any],
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from sandspawn import _heldgil
+
+    assert sandspawn.run(["true"], cwd="/", **opts).returncode == 0
+    _wait_for_lease(_key(opts))
+    kept = _keep_tickets(monkeypatch)
+    try:
+        assert sandspawn.run(["true"], cwd="/", **opts).returncode == 0
+        assert len(kept) == 1  # the request went to the leased child
+        assert _heldgil.ticket_taken(kept[0][1])
+    finally:
+        for fds in kept:
+            for fd in fds:
+                os.close(fd)
+
+
+def test_an_untaken_ticket_is_seen_as_untaken() -> None:
+    from sandspawn import _heldgil
+
+    r, w = _heldgil.ticket()
+    try:
+        assert not _heldgil.ticket_taken(w)
+        assert os.read(r, 2) == b"t"
+        assert _heldgil.ticket_taken(w)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_a_leased_child_killed_after_taking_the_request_is_not_retried(
+        opts: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The leased child took the request (its ticket) and was killed before its word to the
+    zygote: the payload may have started. The caller must not send the request again (it
+    would run twice): SpawnError, and the payload never ran here."""
+    import threading
+
+    from sandspawn.process import resolve_policy
+
+    out = tempfile.mkdtemp(prefix="sandspawn-twice-")
+    os.chmod(out, 0o777)  # the payload's uid writes there (a root caller's: 65534)
+    marker = os.path.join(out, "ran")
+    policy = resolve_policy("strict").with_paths([PathRule(out, "rw")])
+    assert sandspawn.run(["true"], policy, cwd="/", **opts).returncode == 0
+    lease = _key(opts, policy)
+    _wait_for_lease(lease)
+    client = zygote.client()
+    box = client._leases[lease][1]
+    reader = box
+    deadline = time.monotonic() + 5
+    while opts["engine"] == "native" and reader == box and time.monotonic() < deadline:
+        reader = next(iter(_zygote_children(box)), box)  # pid 1, once its waiter forked it
+        time.sleep(0.01)
+    assert reader != box or opts["engine"] != "native"
+    zyg = client.pid
+    os.kill(reader, signal.SIGSTOP)  # it will not read the request: we take the ticket for it
+    kept = _keep_tickets(monkeypatch)
+
+    def take_and_kill() -> None:
+        deadline = time.monotonic() + 5
+        while not kept and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # the request is on its way to the stopped reader
+        if kept:
+            os.read(kept[0][0], 1)
+        os.kill(box, signal.SIGKILL)  # a native pid 1 follows its waiter (PDEATHSIG)
+
+    killer = threading.Thread(target=take_and_kill)
+    killer.start()
+    try:
+        with pytest.raises(SpawnError) as err:
+            sandspawn.run(["sh", "-c", f"echo ran >> {marker}"], policy, cwd="/", **opts)
+        assert err.value.step == "sandbox"
+    finally:
+        killer.join()
+        for fds in kept:
+            for fd in fds:
+                os.close(fd)
+    assert len(kept) == 1  # one ticket: the request went to the leased child only
+    ran = os.path.exists(marker)
+    shutil.rmtree(out)
+    assert not ran
+    assert client.pid == zyg
+    assert sandspawn.run(["true"], policy, cwd="/", **opts).returncode == 0  # the next one runs
 
 
 def test_the_rehearsal_runs_nothing_and_leaves_nothing() -> None:

@@ -12,8 +12,12 @@ caller itself, which saves a hop through the zygote each way. JSON messages, wit
                     {"started": 0, "ack": true} + the payload's pidfd + an ack socket
                         (pid 1: the caller reads the host pid from the pidfd and acks)
                     {"exit": wait_status}                          when the payload exits
-    to the zygote:  {"assigned": {"timeout": t}} + the status socket   (a leased request)
+    to the zygote:  {"assigned": {"timeout": t}, "started": true} + the status socket
+                        (a leased request, once its payload runs: one message, one wake-up
+                        of the zygote; the bwrap engine's child announces it on arrival)
+                    {"assigned": ..., "error": [...]} + the status socket  (it failed)
                     {"started": true}                              before the caller is told
+                        (a request that came through the zygote)
                     {"exit": wait_status}                          after telling the caller
                     {"error": [step, errno, detail]}               a step failed: nothing ran
 
@@ -209,8 +213,10 @@ def _send(sock: socket.socket, msg: dict[str, Any], fds: list[int] | None = None
 
 
 def start_payload(sock: socket.socket, status: socket.socket, req: dict[str, Any],
-                  fds: list[int], limits: list[tuple[str, int]], host_pids: bool) -> int:
+                  fds: list[int], limits: list[tuple[str, int]], host_pids: bool,
+                  assigned: dict[str, Any] | None = None) -> int:
     """Start the payload as our child and say so; returns its pid once it has exec'd.
+    `assigned`: the announcement of a leased request, which goes with our "started".
 
     The payload gets exactly the fds of the request's fd map. With an address-space, open-files
     or process-count limit it is forked instead of vforked, and the limits are set right before
@@ -226,7 +232,10 @@ def start_payload(sock: socket.socket, status: socket.socket, req: dict[str, Any
         pidfd = os.pidfd_open(pid)
         # The zygote first: once the caller knows, it may kill us, and the zygote must then
         # know that the payload had started.
-        _send(sock, {"started": True})
+        if assigned is not None:
+            _send(sock, {"assigned": assigned, "started": True}, [status.fileno()])
+        else:
+            _send(sock, {"started": True})
         if host_pids:
             _send(status, {"started": pid}, [pidfd])
         else:
@@ -286,21 +295,35 @@ def _report_exit(sock: socket.socket, status: socket.socket, wait_status: int,
     _send(sock, {"exit": wait_status})
 
 
-def _recv_assignment(sock: socket.socket, spec: dict[str, Any]
+def _recv_assignment(sock: socket.socket, spec: dict[str, Any], announce: bool = True
                      ) -> tuple[socket.socket, dict[str, Any], list[int]]:
     """The request, with the caller's status socket split off its fds; at EOF (the zygote
     retires us before use) this process exits.
 
-    A request the caller sent us itself (a lease, "leased") is announced to the zygote first,
-    with a copy of the status socket: from then on it relays kill and timeout as usual."""
+    A request the caller sent us itself (a lease, "leased") comes with a ticket: a pipe
+    holding one byte, which we take now, so that the caller knows we had its request if we
+    die without a word (_heldgil.ticket). Such a request is announced to the zygote with a
+    copy of the status socket, from then on it relays kill and timeout as usual: at once, or
+    with `announce` False in the payload's "started" or our error (`_announcement`)."""
     req, fds = _recv_request(sock)
     if req is None or not fds:
         os._exit(0)
-    if req.get("leased"):
-        _send(sock, {"assigned": {"timeout": req.get("timeout")}}, fds[:1])
+    if req.get("ticket") and len(fds) > 1:
+        try:
+            os.read(fds[1], 1)
+        finally:
+            os.close(fds[1])
+        del fds[1]
+    if announce and req.get("leased"):
+        _send(sock, {"assigned": _announcement(req)}, fds[:1])
     if spec.get("tmpdir"):
         req["env"] = {**req["env"], "TMPDIR": spec["tmpdir"]}
     return socket.socket(fileno=fds[0]), req, fds[1:]
+
+
+def _announcement(req: dict[str, Any]) -> dict[str, Any] | None:
+    """What a leased request not yet announced tells the zygote (None: it came through it)."""
+    return {"timeout": req.get("timeout")} if req.get("leased") else None
 
 
 def _fail(sock_fd: int, spec: dict[str, Any], exc: BaseException) -> NoReturn:
@@ -407,7 +430,10 @@ def _report(errfd: int, step: str, err: int, detail: str) -> None:
         pass
 
 
-def _send_error(sock_fd: int, exc: BaseException) -> None:
+def _send_error(sock_fd: int, exc: BaseException, assigned: dict[str, Any] | None = None,
+                status: socket.socket | None = None) -> None:
+    """Our error, to the zygote; with `assigned` (a leased request not yet announced) the
+    announcement and the caller's status socket go with it, so the zygote tells the caller."""
     if isinstance(exc, _StepFailed):
         msg = [exc.step, exc.err, exc.detail]
     elif isinstance(exc, OSError):
@@ -416,7 +442,15 @@ def _send_error(sock_fd: int, exc: BaseException) -> None:
         msg = ["internal", 0, f"{type(exc).__name__}: {exc}"]
     msg[2] = str(msg[2])[:MAX_DETAIL]
     try:
-        os.write(sock_fd, json.dumps({"error": msg}).encode())
+        if assigned is None or status is None:
+            os.write(sock_fd, json.dumps({"error": msg}).encode())
+        else:
+            data = json.dumps({"assigned": assigned, "error": msg}).encode()
+            sock = socket.socket(fileno=sock_fd)
+            try:
+                socket.send_fds(sock, [data], [status.fileno()])
+            finally:
+                sock.detach()
     except OSError:
         pass
 
@@ -440,12 +474,16 @@ def warm_main(sock_fd: int, spec: dict[str, Any], bpf: bytes | None, parent: int
     except BaseException as exc:
         _fail(sock_fd, spec, exc)
     _rehearse()
+    status: socket.socket | None = None
+    assigned: dict[str, Any] | None = None
     try:
         sock = socket.socket(fileno=sock_fd)
-        status, req, fds = _recv_assignment(sock, spec)
-        payload = start_payload(sock, status, req, fds, _limits(spec), host_pids=True)
+        status, req, fds = _recv_assignment(sock, spec, announce=False)
+        assigned = _announcement(req)
+        payload = start_payload(sock, status, req, fds, _limits(spec), host_pids=True,
+                                assigned=assigned)
     except BaseException as exc:
-        _send_error(sock_fd, exc)
+        _send_error(sock_fd, exc, assigned, status)
         os._exit(127)
     try:
         _, wait_status = os.waitpid(payload, 0)
@@ -503,13 +541,15 @@ def _native_pid1(sock: socket.socket, status: list[socket.socket], spec: dict[st
     except BaseException as exc:
         _fail(sock.fileno(), spec, exc)
     # No rehearsal here (_rehearse): its clone would take pid 2, the payload's.
+    announcement: dict[str, Any] | None = None
     try:
-        assigned = _recv_assignment(sock, spec)
-        status.append(assigned[0])
-        return start_payload(sock, assigned[0], assigned[1], assigned[2], _limits(spec),
-                             host_pids=False)
+        ours, req, fds = _recv_assignment(sock, spec, announce=False)
+        status.append(ours)
+        announcement = _announcement(req)
+        return start_payload(sock, ours, req, fds, _limits(spec), host_pids=False,
+                             assigned=announcement)
     except BaseException as exc:
-        _send_error(sock.fileno(), exc)
+        _send_error(sock.fileno(), exc, announcement, status[0] if status else None)
         os._exit(127)
 
 

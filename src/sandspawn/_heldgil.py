@@ -58,6 +58,12 @@ _poll = _libc.poll
 _poll.argtypes = [ctypes.POINTER(_PollFd), ctypes.c_ulong, ctypes.c_int]
 _ioctl = _libc.ioctl
 _ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+_pipe2 = _libc.pipe2
+_pipe2.argtypes = [ctypes.c_int * 2, ctypes.c_int]
+_write = _libc.write
+_write.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t]
+_write.restype = ctypes.c_ssize_t
+_FIONREAD = 0x541B  # include/uapi/asm-generic/ioctls.h (x86_64, arm64)
 
 
 class _PidfdInfo(ctypes.Structure):  # struct pidfd_info, include/uapi/linux/pidfd.h, Linux 6.13
@@ -130,6 +136,30 @@ def pidfd_pid(pidfd: int) -> int:
         if line.startswith("Pid:"):
             return int(line.split()[1])
     return -1
+
+
+def ticket() -> tuple[int, int]:
+    """A pipe holding one byte: (read end, write end), close-on-exec. Whoever gets the read end
+    takes the byte when it takes on a task; `ticket_taken` on the write end then tells, even
+    after the taker died, without waking anyone (an unread byte stays while we hold our end)."""
+    fds = (ctypes.c_int * 2)()
+    _check(_pipe2(fds, os.O_CLOEXEC), "pipe2")
+    try:
+        ctypes.set_errno(0)
+        if _check(_write(fds[1], b"t", 1), "write") != 1:
+            raise OSError(errno.EIO, "write: the ticket's byte was not written")
+    except BaseException:
+        close(fds[0])
+        close(fds[1])
+        raise
+    return fds[0], fds[1]
+
+
+def ticket_taken(write_end: int) -> bool:
+    pending = ctypes.c_int(0)
+    ctypes.set_errno(0)
+    _check(_ioctl(write_end, _FIONREAD, ctypes.byref(pending)), "ioctl(FIONREAD)")
+    return pending.value == 0
 
 
 def seqpacket_pair() -> tuple[socket.socket, socket.socket]:

@@ -18,11 +18,12 @@ Leases take us off the spawn path. A spawn request with "lease": true asks for t
 on we keep the caller supplied with one ready child per policy, sending {"lease": id, "box":
 pid} (id: lease_id of the plan key) and a copy of our socket to that child on the control
 socket. The caller sends its next request for
-that policy straight to the child (with "leased": true), and the child first gives us its copy
-of the status socket ({"assigned": {"timeout": t}}), so timeouts, kill and the exit work as
-for a request that came through us. A lease the caller no longer wants comes back with
-{"op": "return", "box": pid}; until then the child stays (we never kill a leased child that
-may be receiving a request: the request would be lost).
+that policy straight to the child (with "leased": true), and the child gives us its copy of the
+status socket with its first message ({"assigned": {"timeout": t}, "started": true}, or with
+its error; the bwrap engine's child sends {"assigned": ...} as soon as the request comes), so
+timeouts, kill and the exit work as for a request that came through us. A lease the caller
+no longer wants comes back with {"op": "return", "box": pid}; until then the child stays (we
+never kill a leased child that may be receiving a request: the request would be lost).
 
 When the plan gives each sandbox a cgroup v2 of its own (spec "cgroup"), the zygote detects the
 cgroup hierarchy once, creates the sandbox's cgroup (and sets its limits) before the fork, and
@@ -1099,9 +1100,10 @@ class Zygote:
             msg = {}
         if box.direct is not None:
             self._on_direct_box(box.direct, msg, fds)
-        elif "assigned" in msg:
+            return
+        if "assigned" in msg:  # alone, or with the payload's "started" or the child's error
             self._on_assigned(box, dict(msg["assigned"] or {}), fds)
-        elif "started" in msg and not box.started:
+        if "started" in msg and not box.started:
             box.started = True
         elif "error" in msg and not box.started and not box.told:
             self._tell(box, {"error": msg["error"]})
@@ -1167,6 +1169,11 @@ class Zygote:
                 self._drain_assignment(box)
             if box.status is None and not box.told:
                 # A warm child that died before its request: the next spawn forks afresh.
+                # Or a leased child killed between its payload's start and its word to us:
+                # the payload goes with it (it is in the child's process group), and the
+                # caller, whose ticket was taken, does not send the request again.
+                if box.leased:
+                    box.kill()
                 for ready in self.warm.values():
                     if box in ready:
                         ready.remove(box)

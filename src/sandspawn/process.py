@@ -190,13 +190,24 @@ class Popen:
         client = zygote.client()
         lease = prepared.lease
         while True:
-            status, leased = client.spawn(prepared.key, lease, prepared.spec, request, send)
-            msg, fds = _first_message(status, leased)
-            if msg is None and leased and client.alive():
-                # EOF, and no word from the zygote: the leased child died before it took
-                # the request (once it has, the zygote holds the status socket and says
-                # what happened). Nothing ran: once more, through the zygote.
+            status, ticket = client.spawn(prepared.key, lease, prepared.spec, request, send)
+            taken = False
+            try:
+                msg, fds = _first_message(status, ticket >= 0)
+                taken = msg is None and ticket >= 0 and _heldgil.ticket_taken(ticket)
+            finally:
+                if ticket >= 0:
+                    _heldgil.close(ticket)
+            if msg is None and ticket >= 0 and client.alive():
+                # EOF, and no word from the zygote: the leased child died (killed from
+                # outside) before it said anything. If it had not taken its ticket, it had
+                # not taken the request: nothing ran, once more through the zygote. If it
+                # had, its payload may have started: never twice (the zygote killed it).
                 _heldgil.close_socket(status)
+                if taken:
+                    raise SpawnError("sandbox", 0, "the sandbox's supervising process was "
+                                     "killed as it started the payload (the payload, if it "
+                                     "had started, was killed with it)")
                 lease = ""
                 continue
             return msg, fds, status

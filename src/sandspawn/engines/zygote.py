@@ -295,18 +295,22 @@ class ZygoteClient:
             return self._leases.pop(lease_id, None)
 
     def spawn(self, key: str, lease_id: str, spec: dict[str, Any], request: dict[str, Any],
-              fds: list[int]) -> tuple[socket.socket, bool]:
+              fds: list[int]) -> tuple[socket.socket, int]:
         """Start a sandbox: the request goes straight to a leased child of this policy when we
         have one, else through the zygote (which then leases us the next). Returns our end of
-        the status socket, and whether a leased child took the request (its "started" comes
-        within about a millisecond; through the zygote, a child may have to be forked first).
+        the status socket, and when a leased child got the request (its "started" comes
+        within about a millisecond; through the zygote, a child may have to be forked first)
+        the write end of its ticket (_heldgil.ticket; the caller closes it), else -1.
         The leased way keeps the GIL (see _heldgil)."""
         ours, theirs = _heldgil.seqpacket_pair()
+        ticket = (-1, -1)
         try:
             data = json.dumps({**request, "env": spec["env"], "timeout": spec.get("timeout"),
-                               "leased": True}).encode()
+                               "leased": True, "ticket": True}).encode()
             while (lease := self._take_lease(lease_id)) is not None:
-                message, with_fds, memfd = pack(data, [theirs.fileno(), *fds])
+                if ticket[0] < 0:
+                    ticket = _heldgil.ticket()
+                message, with_fds, memfd = pack(data, [theirs.fileno(), ticket[0], *fds])
                 try:
                     _heldgil.send_fds(lease[0].fileno(), message, with_fds)
                 except (BrokenPipeError, ConnectionResetError, ConnectionRefusedError):
@@ -325,14 +329,24 @@ class ZygoteClient:
                     if memfd is not None:
                         _heldgil.close(memfd)
                 _heldgil.close_socket(lease[0])
-                return ours, True
+                read_end, ticket = ticket[0], (-1, ticket[1])
+                _heldgil.close(read_end)
+                return ours, ticket[1]
+            for end in ticket:
+                if end >= 0:
+                    _heldgil.close(end)
+            ticket = (-1, -1)
             self._request({"op": "spawn", "key": key, "spec": {**spec, **request},
                            "lease": True}, theirs, fds)
         except BaseException:
             _heldgil.close_socket(ours)
+            for end in ticket:
+                if end >= 0:
+                    _heldgil.close(end)
             raise
         finally:
             _heldgil.close_socket(theirs)
+        return ours, -1
         return ours, False
 
     def alive(self) -> bool:
