@@ -194,7 +194,11 @@ class Popen:
             taken = False
             try:
                 msg, fds = _first_message(status, ticket >= 0)
-                taken = msg is None and ticket >= 0 and _heldgil.ticket_taken(ticket)
+                if msg is None and ticket >= 0:
+                    try:
+                        taken = _heldgil.ticket_taken(ticket)
+                    except OSError:
+                        taken = True  # cannot tell: never risk running it twice
             finally:
                 if ticket >= 0:
                     _heldgil.close(ticket)
