@@ -663,6 +663,8 @@ def _direct_init(sock: socket.socket, fds: list[int], joined: int, cgroup: bool)
     namespace and pass the signals an init forwards on to the payload. We end when the zygote
     kills us (the sandbox is done, or unused) or dies (our PR_SET_PDEATHSIG): the
     kernel then kills every process in the namespace, the payload too."""
+    from .confine import namespaces
+
     waited = _init_signals()  # all blocked already
     try:
         _send(sock, {"ready": True, "ns": joined, "ns_cgroup": cgroup}, fds)
@@ -678,13 +680,8 @@ def _direct_init(sock: socket.socket, fds: list[int], joined: int, cgroup: bool)
                 except OSError:
                     pass
                 continue
-            while True:
-                try:
-                    pid, _ = os.waitpid(-1, os.WNOHANG)
-                except ChildProcessError:
-                    break
-                if pid == 0:
-                    break
+            for _ in namespaces.reap_exited():
+                pass
     except BaseException as exc:
         _send_error(sock.fileno(), exc)
     os._exit(127)

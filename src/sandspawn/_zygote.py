@@ -1154,13 +1154,9 @@ class Zygote:
     # --- reaping ----------------------------------------------------------------------------
 
     def _reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        from .confine import namespaces
+
+        for pid, status in namespaces.reap_exited():
             box = self.boxes.get(pid)
             if box is None:
                 continue  # an orphan that was reparented to us (we are a child subreaper)

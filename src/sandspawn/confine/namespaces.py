@@ -39,7 +39,7 @@ import errno
 import os
 import select
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import NoReturn
 
 from ..errors import SandspawnError
@@ -339,6 +339,19 @@ def _payload_main(payload: Callable[[], NoReturn], w: int,
     os._exit(PAYLOAD_RETURNED)
 
 
+def reap_exited(which: int = -1) -> Iterator[tuple[int, int]]:
+    """(pid, wait status) of every child `which` (-1: any) that has exited and is not reaped
+    yet, reaping each; never waits. One SIGCHLD may stand for several exits."""
+    while True:
+        try:
+            pid, status = os.waitpid(which, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        yield pid, status
+
+
 def _supervise(child: int, reap: int) -> int:
     """Forward signals to `child` until it exits; reap `reap` (-1: every child); its status."""
     while True:
@@ -349,10 +362,7 @@ def _supervise(child: int, reap: int) -> int:
             except OSError:
                 pass
             continue
-        while True:  # one SIGCHLD may stand for several exits
-            pid, status = os.waitpid(reap, os.WNOHANG)
-            if pid == 0:
-                break
+        for pid, status in reap_exited(reap):
             if pid == child:
                 return status
 
